@@ -1,0 +1,5 @@
+import sys
+
+from weightwatch.cli import main
+
+sys.exit(main())
