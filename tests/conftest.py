@@ -18,6 +18,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# Session fixtures that start real vLLM servers (tiny_model, vllm_server, plain_vllm_server) live in
+# tests/vllm_fixtures.py so every test module shares one server per session.
+pytest_plugins = ["vllm_fixtures"]
+
 REQUIRE_REAL = os.environ.get("WEIGHTWATCH_REQUIRE_REAL", "").lower() in ("1", "true", "yes")
 
 

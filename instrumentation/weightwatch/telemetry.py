@@ -483,3 +483,28 @@ def shutdown() -> None:
         tele, _current = _current, None
     if tele is not None:
         tele.shutdown()
+
+
+# --------------------------------------------------------------------------- event-loop lag
+
+
+async def _probe_loop_lag(metric: str, interval: float) -> None:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    while True:
+        start = loop.time()
+        await asyncio.sleep(interval)
+        get().metrics.observe(metric, max(0.0, loop.time() - start - interval))
+
+
+def start_loop_lag_probe(metric: str = "rl_event_loop_lag_seconds", interval: float = 0.1) -> Any:
+    """Start a cheap periodic probe on the running asyncio loop; returns the task (cancel to stop).
+
+    A sleep that wakes late measures how long callbacks hog the loop: the same delay an admin
+    request on that loop suffers before its handler runs.
+    """
+    import asyncio
+
+    task = asyncio.get_running_loop().create_task(_probe_loop_lag(metric, interval), name=f"weightwatch-{metric}")
+    return task

@@ -1,0 +1,1 @@
+"""Session fixtures for real vLLM servers (filled in by the inference work)."""
