@@ -8,10 +8,10 @@ import threading
 
 import httpx
 import pytest
-from conftest import free_port
 from prometheus_client import CollectorRegistry
 
 import weightwatch
+from conftest import free_port
 from weightwatch import telemetry
 from weightwatch.catalogue import METRICS
 

@@ -176,7 +176,7 @@ def to_table() -> str:
     rows = [("METRIC", "TYPE", "UNIT", "LABELS", "HELP")]
     rows += [(m.name, m.type, m.unit or "-", ",".join(m.labels) or "-", m.help) for m in METRICS]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4] for r in rows]
     lines.append("")
     lines.append("SPAN".ljust(24) + "  ROLE".ljust(15) + "  HELP")
     lines += [f"{s.name:<24}  {s.role:<12}  {s.help}" for s in SPANS]

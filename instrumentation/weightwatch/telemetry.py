@@ -14,9 +14,10 @@ import secrets
 import socket
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -72,6 +73,7 @@ class JsonLinesSpanExporter(SpanExporter):
     @staticmethod
     def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
         ctx = span.get_span_context()
+        assert ctx is not None
         parent = span.parent
         return {
             "name": span.name,
@@ -164,7 +166,7 @@ def _otlp_exporter_from_env() -> SpanExporter | None:
         if protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # type: ignore[no-redef]
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # type: ignore[assignment]
         return OTLPSpanExporter(timeout=timeout) if timeout else OTLPSpanExporter()
     except Exception:  # noqa: BLE001 - a missing exporter package must not stop training
         _log.warning("weightwatch: cannot build the OTLP %s exporter; spans go nowhere", protocol, exc_info=True)
@@ -179,7 +181,7 @@ def _build_metric(spec: MetricSpec, registry: CollectorRegistry) -> Any:
     if spec.unit and spec.name.removesuffix("_total").endswith("_" + spec.unit):
         kwargs["unit"] = spec.unit
     if spec.type == "histogram":
-        return Histogram(spec.name, spec.help, buckets=spec.buckets, **kwargs)
+        return Histogram(spec.name, spec.help, buckets=spec.buckets or Histogram.DEFAULT_BUCKETS, **kwargs)
     if spec.type == "gauge":
         return Gauge(spec.name, spec.help, **kwargs)
     return Counter(spec.name, spec.help, **kwargs)
