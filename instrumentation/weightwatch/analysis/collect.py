@@ -1,0 +1,311 @@
+"""Collect parsed events of one block of one source into flat, picklable, mergeable lists.
+
+Workers scan byte ranges of big files in parallel; each returns a ``Partial`` and the parent merges
+them in file order. Every event keeps ``seq``, its position in its source, so the join can tell what
+happened before what within one process's log (checkpoint wait before an update, batches around it).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from weightwatch.events import Columns, Rejected, scan_columns
+
+#: How many rejected lines are kept verbatim per reason (the rest are only counted).
+SAMPLES_PER_REASON = 3
+_VALUE_IN_REASON = re.compile(r"=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")")
+
+
+def reason_category(reason: str) -> str:
+    """A rejection reason without the offending value, so equal problems count together."""
+    if reason.startswith("unknown event "):
+        return "unknown event"
+    return _VALUE_IN_REASON.sub("", reason)
+
+
+def server_of(url: str) -> str:
+    """host:port of a URL (the ``server`` label), or the text itself when it is not a URL."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    return parts.netloc or url
+
+
+SEND_COLS = ("seq", "tid", "server", "op", "t", "step")
+DONE_COLS = ("seq", "tid", "wall_ms", "rpc_ms", "queue_ms", "server", "server_ms", "pool_wait_ms")
+GEN_COLS = ("seq", "completions", "dur_ms", "inflight")
+
+
+def _cols(names: tuple[str, ...]) -> dict[str, list[Any]]:
+    return {n: [] for n in names}
+
+
+@dataclass
+class Partial:
+    """Events of one source (or one block of it); ``seq`` orders them within the source.
+
+    The high-volume events (client.send, client.done, gen batch.done) are kept column-wise (parallel
+    lists, cheap to build, pickle and join in bulk); the rest as tuples.
+    """
+
+    source: str
+    origin: str = "log"  # "log" or "spans"
+    n: int = 0  # the next seq number
+    events: int = 0  # events and rejected lines seen
+    lines: int = 0
+    send: dict[str, list[Any]] = field(default_factory=lambda: _cols(SEND_COLS))
+    done: dict[str, list[Any]] = field(default_factory=lambda: _cols(DONE_COLS))
+    gen: dict[str, list[Any]] = field(default_factory=lambda: _cols(GEN_COLS))
+    # (seq, tid, path, t)
+    recvs: list[tuple] = field(default_factory=list)
+    # (seq, tid, op, t)
+    rpc_starts: list[tuple] = field(default_factory=list)
+    # (seq, tid, op, t, rpc_ms)
+    rpc_dones: list[tuple] = field(default_factory=list)
+    # (seq, step, write_ms)
+    writes: list[tuple] = field(default_factory=list)
+    wait_starts: int = 0
+    # (seq, target_step, wait_ms)
+    waits: list[tuple] = field(default_factory=list)
+    # (seq, inflight, target_batch)
+    gen_starts: list[tuple] = field(default_factory=list)
+    # (seq, trunc_pct, current_step, ckpt_step, staleness, async_level|None)
+    rollouts: list[tuple] = field(default_factory=list)
+    rejected: Counter = field(default_factory=Counter)
+    samples: dict[str, list[str]] = field(default_factory=dict)
+    # server-side timings only spans know: tid -> server_ms
+    server_ms: dict[str, float] = field(default_factory=dict)
+
+    def reject(self, reason: str, line: str) -> None:
+        cat = reason_category(reason)
+        self.rejected[cat] += 1
+        kept = self.samples.setdefault(cat, [])
+        if len(kept) < SAMPLES_PER_REASON:
+            kept.append(line[:500])
+
+    def shifted(self, offset: int) -> Partial:
+        """A copy whose seq numbers start at ``offset`` (to append a whole later file after this one)."""
+        base = -(-offset // BLOCK_SEQ) * BLOCK_SEQ if offset else 0
+        if not base:
+            return self
+        q = Partial(self.source, origin=self.origin, n=self.n + base, events=self.events, lines=self.lines,
+                    wait_starts=self.wait_starts, rejected=self.rejected, samples=self.samples, server_ms=self.server_ms)
+        for name in ("send", "done", "gen"):
+            cols = dict(getattr(self, name))
+            cols["seq"] = [x + base for x in cols["seq"]]
+            setattr(q, name, cols)
+        for name in ("recvs", "rpc_starts", "rpc_dones", "writes", "waits", "gen_starts", "rollouts"):
+            setattr(q, name, [(r[0] + base, *r[1:]) for r in getattr(self, name)])
+        return q
+
+    def extend(self, other: Partial) -> None:
+        """Append a later block of the same source (its seq numbers start above ours: see BLOCK_SEQ)."""
+        for name in ("send", "done", "gen"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            for col, values in theirs.items():
+                mine[col].extend(values)
+        for name in ("recvs", "rpc_starts", "rpc_dones", "writes", "waits", "gen_starts", "rollouts"):
+            getattr(self, name).extend(getattr(other, name))
+        self.n = max(self.n, other.n)
+        self.events += other.events
+        self.lines += other.lines
+        self.wait_starts += other.wait_starts
+        self.rejected.update(other.rejected)
+        for cat, lines in other.samples.items():
+            kept = self.samples.setdefault(cat, [])
+            kept.extend(lines[: max(0, SAMPLES_PER_REASON - len(kept))])
+        self.server_ms.update(other.server_ms)
+
+
+def _num(x: Any) -> float | None:
+    try:
+        return None if x is None or x == "na" else float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _int(x: Any) -> int | None:
+    try:
+        return None if x is None else int(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _sort_cols(cols: dict[str, list[Any]]) -> None:
+    order = sorted(range(len(cols["seq"])), key=cols["seq"].__getitem__)
+    for name, values in cols.items():
+        cols[name] = [values[i] for i in order]
+
+
+class _Servers(dict):
+    """url -> host:port, computed once per distinct url."""
+
+    def __missing__(self, url: str) -> str:
+        srv = self[url] = server_of(url)
+        return srv
+
+
+def ingest_columns(p: Partial, c: Columns) -> None:
+    """Add one parsed block (``events.scan_columns``) to ``p``; seq numbers start at ``p.n``."""
+    base = p.n
+    servers = _Servers()
+    touched: set[str] = set()
+    for key, (seqs, tids, vals) in c.fast.items():
+        sq = [s + base for s in seqs] if base else seqs
+        n = len(seqs)
+        if key == "weights.client.done":
+            d = p.done
+            d["seq"] += sq
+            d["tid"] += tids or []
+            d["wall_ms"] += vals[0]
+            d["rpc_ms"] += vals[1]
+            d["queue_ms"] += vals[2]
+            nones = [None] * n
+            d["server"] += nones
+            d["server_ms"] += nones
+            d["pool_wait_ms"] += nones
+        elif key == "weights.client.send":
+            s = p.send
+            s["seq"] += sq
+            s["tid"] += tids or []
+            s["server"] += list(map(servers.__getitem__, vals[0]))
+            s["op"] += vals[1]
+            s["t"] += vals[2]
+            s["step"] += [None] * n
+        elif key == "gen.batch.done":
+            g = p.gen
+            g["seq"] += sq
+            g["completions"] += vals[0]
+            g["dur_ms"] += vals[1]
+            g["inflight"] += vals[2]
+    for seq, item in c.other:
+        seq += base
+        if item.__class__ is Rejected:
+            p.reject(item.reason, item.line)
+            continue
+        key, tid, v, x = item
+        if key == "weights.client.done":
+            srv = (x.get("server") or x.get("url")) if x else None
+            d = p.done
+            for col, val in zip(DONE_COLS, (seq, tid, v[0], v[1], v[2], servers[srv] if srv else None,
+                                            _num(x.get("server_ms")) if x else None, _num(x.get("pool_wait_ms")) if x else None)):
+                d[col].append(val)
+            touched.add("done")
+        elif key == "weights.client.send":
+            s = p.send
+            for col, val in zip(SEND_COLS, (seq, tid, servers[v[0]], v[1], v[2], _int(x.get("step")) if x else None)):
+                s[col].append(val)
+            touched.add("send")
+        elif key == "gen.batch.done":
+            g = p.gen
+            for col, val in zip(GEN_COLS, (seq, v[0], v[1], v[2])):
+                g[col].append(val)
+            touched.add("gen")
+        elif key == "gen.batch.start":
+            p.gen_starts.append((seq, v[0], v[1]))
+        elif key == "weights.server.recv":
+            p.recvs.append((seq, tid, v[0], v[1]))
+        elif key == "weights.rpc.start":
+            p.rpc_starts.append((seq, tid, v[0], v[1]))
+        elif key == "weights.rpc.done":
+            p.rpc_dones.append((seq, tid, v[0], v[1], v[2]))
+        elif key == "ckpt.wait.done":
+            p.waits.append((seq, v[0], v[1]))
+        elif key == "ckpt.write.done":
+            p.writes.append((seq, v[0], v[1]))
+        elif key == "ckpt.wait.start":
+            p.wait_starts += 1
+        elif key == "rollout":
+            p.rollouts.append((seq, v[0], v[1], v[2], v[3], _int(x.get("async_level")) if x else None))
+    for name in touched:
+        if c.fast:
+            _sort_cols(getattr(p, name))
+    p.events += c.count
+    p.n = base + c.count
+
+
+#: Block k of a source numbers its events from k * BLOCK_SEQ, so blocks parsed apart still sort in file order.
+BLOCK_SEQ = 1 << 40
+
+
+def scan_block(source: str, data: bytes, index: int = 0) -> Partial:
+    """Parse block ``index`` of a source (``\\n``-separated log lines) into a Partial: a worker's whole job."""
+    p = Partial(source, n=index * BLOCK_SEQ)
+    p.lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+    enabled = gc.isenabled()
+    gc.disable()  # millions of small objects, none cyclic: the cyclic GC would rescan them over and over
+    try:
+        ingest_columns(p, scan_columns(data))
+    finally:
+        if enabled:
+            gc.enable()
+    return p
+
+
+# --------------------------------------------------------------------------- span files
+
+
+def spans_to_partial(source: str, lines: Iterable[str]) -> Partial:
+    """Turn telemetry.JsonLinesSpanExporter lines into the same tuples the log events give."""
+    p = Partial(source, origin="spans")
+    rows: list[tuple[float, int, str, tuple]] = []  # (time, order, kind, tuple-without-seq)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        p.lines += 1
+        try:
+            s = json.loads(line)
+            name = s["name"]
+            tid = str(s["trace_id"])
+            start = int(s["start_time_unix_nano"]) / 1e9
+            end = int(s["end_time_unix_nano"]) / 1e9
+            a = s.get("attributes") or {}
+            if not isinstance(a, dict):
+                raise TypeError("attributes is not an object")
+        except (ValueError, KeyError, TypeError) as exc:
+            p.reject(f"span line is not a span: {type(exc).__name__}", line)
+            continue
+        dur_ms = (end - start) * 1000.0
+        if name == "weights.update.server":
+            srv = server_of(str(a.get("rl.server", "?")))
+            op = str(a.get("rl.op", "?"))
+            rows.append((start, i, "send", (tid, srv, op, start, _int(a.get("rl.step")))))
+            wall = _num(a.get("rl.wall_ms"))
+            rows.append((end, i, "done", (tid, wall if wall is not None else dur_ms, _num(a.get("rl.rpc_ms")), _num(a.get("rl.queue_ms")),
+                                          srv, None, _num(a.get("rl.pool_wait_ms")))))
+        elif name == "admin.request":
+            rows.append((start, i, "recv", (tid, str(a.get("http.target") or a.get("url.path") or a.get("rl.op") or "?"), start)))
+            sms = _num(a.get("rl.server_ms"))
+            p.server_ms[tid] = sms if sms is not None else dur_ms
+        elif name == "engine.rpc":
+            op = str(a.get("rl.op", "?"))
+            rows.append((start, i, "rpc_start", (tid, op, start)))
+            rpc = _num(a.get("rl.rpc_ms"))
+            rows.append((end, i, "rpc_done", (tid, op, end, rpc if rpc is not None else dur_ms)))
+        elif name == "ckpt.wait":
+            wait = _num(a.get("rl.wait_ms"))
+            rows.append((end, i, "wait", (_int(a.get("rl.step")), wait if wait is not None else dur_ms)))
+        elif name == "ckpt.write":
+            rows.append((end, i, "write", (_int(a.get("rl.step")), dur_ms)))
+        elif name == "gen.batch":
+            rows.append((end, i, "gen_done", (_int(a.get("rl.completions")) or 0, dur_ms, _int(a.get("rl.inflight")) or 0)))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    target = {"recv": p.recvs, "rpc_start": p.rpc_starts, "rpc_done": p.rpc_dones, "wait": p.waits, "write": p.writes}
+    columns = {"send": (p.send, SEND_COLS), "done": (p.done, DONE_COLS), "gen_done": (p.gen, GEN_COLS)}
+    for seq, (_t, _i, kind, row) in enumerate(rows):
+        if kind in columns:
+            cols, names = columns[kind]
+            for name, val in zip(names, (seq, *row)):
+                cols[name].append(val)
+        else:
+            target[kind].append((seq, *row))
+    p.n = p.events = len(rows)
+    return p

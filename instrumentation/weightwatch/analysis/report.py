@@ -1,0 +1,238 @@
+"""The analysis of one run: build it from Partials, and its stable JSON form (``--format json``).
+
+``Report.to_dict()`` is the documented schema (docs/analyze.md); bump SCHEMA_VERSION on any change
+that is not purely additive.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from operator import is_not, itemgetter
+from typing import Any, overload
+
+from weightwatch.analysis import rules
+from weightwatch.analysis.collect import Partial
+from weightwatch.analysis.join import R, R_MISSING, R_QUEUE, R_SIG, R_WALL, Update, gen_index, generation_around, join_rows
+from weightwatch.analysis.stats import summarize
+
+SCHEMA_VERSION = 1
+MEASURES = ("wall_ms", "queue_ms", "rpc_ms", "server_ms", "pool_wait_ms", "recv_delay_ms")
+
+
+class UpdateList(Sequence[Update]):
+    """The run's updates in time order; Update objects are built on access (a run may have millions)."""
+
+    def __init__(self, rows: list[tuple], gen: dict[str, tuple[list[int], list[tuple]]]):
+        self.rows, self._gen = rows, gen
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, i: int) -> Update: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Update]: ...
+    def __getitem__(self, i):  # type: ignore[no-untyped-def]
+        if isinstance(i, slice):
+            return [self._make(r) for r in self.rows[i]]
+        return self._make(self.rows[i])
+
+    def __iter__(self) -> Iterator[Update]:
+        for r in self.rows:
+            yield self._make(r)
+
+    def _make(self, row: tuple) -> Update:
+        u = Update.from_row(row)
+        if u.signature != rules.HEALTHY:
+            u.around = generation_around(u, self._gen)
+        return u
+
+
+@dataclass
+class Verdict:
+    """The run-level diagnosis: the dominant signature across updates, with counts."""
+
+    signature: str
+    rule: str
+    counts: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"signature": self.signature, "rule": self.rule, "counts": dict(self.counts)}
+
+
+@dataclass
+class Report:
+    """Everything ``weightwatch analyze`` found in a run."""
+
+    verdict: Verdict
+    updates: UpdateList
+    inputs: list[dict[str, Any]]
+    parse: dict[str, Any]
+    updates_summary: dict[str, Any]
+    measures: dict[str, dict[str, Any]]
+    checkpoints: dict[str, Any]
+    generation: dict[str, Any]
+    rollout: dict[str, Any]
+    baseline: dict[str, Any] | None
+    slowest: list[Update]
+    queue_breaches: int
+    options: dict[str, Any] = field(default_factory=dict)
+    # raw series for plots (not in the JSON)
+    series: dict[str, list[Any]] = field(default_factory=dict, repr=False)
+
+    @property
+    def empty(self) -> bool:
+        return self.parse["events"] == 0 and not self.updates
+
+    @property
+    def breached(self) -> bool:
+        """Did any update queue for longer than the 300 ms threshold (the exit status says so)?"""
+        return self.queue_breaches > 0
+
+    def to_dict(self, updates_limit: int | None = None) -> dict[str, Any]:
+        n = len(self.updates) if updates_limit is None or updates_limit < 0 else min(updates_limit, len(self.updates))
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "verdict": self.verdict.to_dict(),
+            "thresholds": {
+                "queue_ms": rules.QUEUE_THRESHOLD_MS, "rpc_slow_ms": rules.RPC_SLOW_MS,
+                "ckpt_wait_slow_ms": rules.CKPT_WAIT_SLOW_MS, "verdict_min_fraction": rules.VERDICT_MIN_FRACTION,
+                "truncation_warn_pct": rules.TRUNCATION_WARN_PCT,
+            },
+            "queue_breaches": self.queue_breaches,
+            "inputs": self.inputs,
+            "parse": self.parse,
+            "updates_summary": self.updates_summary,
+            "measures": self.measures,
+            "slowest": [u.to_dict() for u in self.slowest],
+            "checkpoints": self.checkpoints,
+            "generation": self.generation,
+            "rollout": self.rollout,
+            "baseline": self.baseline,
+            "updates": [u.to_dict() for u in self.updates[:n]],
+            "updates_truncated": n < len(self.updates),
+        }
+
+
+def _verdict(counts: Counter[str], n: int) -> Verdict:
+    full = {s: counts.get(s, 0) for s in rules.SIGNATURES}
+    if not n:
+        return Verdict(rules.HEALTHY, "no weight updates found", full)
+    bad = [(c, s) for s, c in counts.items() if s != rules.HEALTHY]
+    if bad:
+        c, s = max(bad)
+        if c / n >= rules.VERDICT_MIN_FRACTION:
+            return Verdict(s, f"{c} of {n} updates ({100 * c / n:.0f}%) show {s} (>= {100 * rules.VERDICT_MIN_FRACTION:.0f}%)", full)
+        return Verdict(rules.HEALTHY, f"{n - sum(x for x, _ in bad)} of {n} updates healthy; outliers ({c} {s}) under "
+                       f"{100 * rules.VERDICT_MIN_FRACTION:.0f}% of updates", full)
+    return Verdict(rules.HEALTHY, f"all {n} updates under their thresholds", full)
+
+
+def _baseline(measures: dict[str, dict[str, Any]], model_size: str | None) -> dict[str, Any] | None:
+    if not model_size:
+        return None
+    limits = rules.BASELINES[model_size]
+    checks = []
+    for m, limit in limits.items():
+        v = measures.get(m, {}).get(rules.BASELINE_PERCENTILE)
+        checks.append({"measure": m, "limit_ms": limit, "value_ms": v, "ok": None if v is None else v < limit})
+    ok = all(c["ok"] is not False for c in checks)
+    return {"model_size": model_size, "percentile": rules.BASELINE_PERCENTILE, "checks": checks, "ok": ok}
+
+
+def _column(rows: list[tuple], i: int) -> list[float]:
+    """Non-None values of one row field, at C speed."""
+    return list(filter(partial(is_not, None), map(itemgetter(i), rows)))
+
+
+def build_report(parts: Sequence[Partial], *, slowest: int = 10, model_size: str | None = None, async_level: int | None = None) -> Report:
+    """Join, diagnose and summarize a run read into Partials."""
+    rows = join_rows(parts)
+    measures = {m: summarize(_column(rows, R[m])) for m in MEASURES}
+    measures["recv_delay_ms"]["clock_skew_sensitive"] = True
+    queue = _column(rows, R_QUEUE)
+    breaches = sum(1 for q in queue if q > rules.QUEUE_THRESHOLD_MS)
+    del queue
+    sig_counts = Counter(map(itemgetter(R_SIG), rows))
+    missing: Counter[str] = Counter()
+    incomplete = 0
+    for miss, c in Counter(map(itemgetter(R_MISSING), rows)).items():
+        if miss:
+            incomplete += c
+            for e in miss:
+                missing[e] += c
+    updates_summary = {"count": len(rows), "complete": len(rows) - incomplete, "incomplete": incomplete,
+                       "missing_events": dict(sorted(missing.items())), "by_signature": dict(sig_counts)}
+
+    writes = [r for p in parts for r in p.writes]
+    waits = [r for p in parts for r in p.waits]
+    wait_ms = [r[2] for r in waits]
+    checkpoints = {
+        "writes": len(writes),
+        "write_ms": summarize(r[2] for r in writes),
+        "wait_starts": sum(p.wait_starts for p in parts),
+        "waits": len(waits),
+        "wait_ms": summarize(wait_ms),
+        "slow_waits": sum(1 for w in wait_ms if w > rules.CKPT_WAIT_SLOW_MS),
+    }
+    gen = gen_index(parts)
+    completions = sum(sum(p.gen["completions"]) for p in parts)
+    busy_s = sum(sum(p.gen["dur_ms"]) for p in parts) / 1000.0
+    generation = {
+        "batches": sum(len(p.gen["seq"]) for p in parts),
+        "batch_starts": sum(len(p.gen_starts) for p in parts),
+        "completions": completions,
+        "batch_dur_ms": summarize([x for p in parts for x in p.gen["dur_ms"]]),
+        "inflight": summarize([x for p in parts for x in p.gen["inflight"]]),
+        "throughput_completions_per_s": (completions / busy_s) if busy_s > 0 else None,
+    }
+    roll = sorted((r for p in parts for r in p.rollouts), key=lambda r: r[2])
+    lvl = async_level
+    if lvl is None:
+        lvls = [r[5] for r in roll if r[5] is not None]
+        lvl = max(lvls) if lvls else None
+    stale_over = sum(1 for r in roll if lvl is not None and r[4] > lvl)
+    trunc = summarize(r[1] for r in roll)
+    rollout = {
+        "steps": len(roll),
+        "trunc_pct": trunc,
+        "truncation_warn": bool(trunc["mean"] is not None and trunc["mean"] > rules.TRUNCATION_WARN_PCT),
+        "staleness": summarize(r[4] for r in roll),
+        "async_level": lvl,
+        "steps_over_async_level": stale_over if lvl is not None else None,
+        "ok": (not roll) or (not (trunc["mean"] or 0) > rules.TRUNCATION_WARN_PCT and stale_over == 0),
+    }
+    wi, qi, ri = R_WALL, R_QUEUE, R["rpc_ms"]
+    top_rows = heapq.nlargest(max(0, slowest), rows, key=lambda r: r[wi] if r[wi] is not None else (r[qi] or 0) + (r[ri] or 0))
+    top = []
+    for r in top_rows:
+        u = Update.from_row(r)
+        u.around = generation_around(u, gen)
+        top.append(u)
+    rejected = Counter[str]()
+    samples: dict[str, list[str]] = {}
+    for p in parts:
+        rejected.update(p.rejected)
+        for cat, lines in p.samples.items():
+            samples.setdefault(cat, []).extend(lines[:3])
+    parse = {
+        "lines": sum(p.lines for p in parts),
+        "events": sum(p.events for p in parts) - sum(rejected.values()),
+        "rejected_total": sum(rejected.values()),
+        "rejected": dict(rejected.most_common()),
+        "rejected_samples": {k: v[:3] for k, v in samples.items()},
+    }
+    inputs = [{"path": p.source, "kind": p.origin, "lines": p.lines, "events": p.events - sum(p.rejected.values()),
+               "rejected": sum(p.rejected.values())} for p in parts]
+    return Report(
+        verdict=_verdict(sig_counts, len(rows)), updates=UpdateList(rows, gen), inputs=inputs, parse=parse,
+        updates_summary=updates_summary, measures=measures, checkpoints=checkpoints, generation=generation, rollout=rollout,
+        baseline=_baseline(measures, model_size), slowest=top, queue_breaches=breaches,
+        options={"slowest": slowest, "model_size": model_size, "async_level": async_level},
+        series={"waits": waits, "writes": writes, "rollouts": roll,
+                "gen": sorted(r for p in parts for r in zip(p.gen["seq"], p.gen["completions"], p.gen["dur_ms"], p.gen["inflight"]))},
+    )

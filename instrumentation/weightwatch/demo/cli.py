@@ -1,0 +1,287 @@
+"""Run a real, tiny async-RL loop on vLLM (CPU) and show where weight-update time goes.
+
+Three processes, as in a real deployment, all writing into one run directory:
+
+* inference: the tiny model on real vLLM through ``weightwatch serve`` (OpenAI API + /metrics on
+  --port, admin lane on --admin-port);
+* trainer: one real AdamW step per step on the orchestrator's completions, atomic checkpoints;
+* orchestrator: streaming generation load, checkpoint waits, a weight update every step.
+
+Switches inject each bottleneck on purpose: ``--admin shared`` (updates queue behind generation in
+the shared client pool), ``--slow-reload MS`` (slow engine reload), ``--slow-writes MS`` (slow
+checkpoint writes). At the end it prints the analyzer's verdict for the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PORTS = {"port": 8000, "admin_port": 8001, "orchestrator_metrics_port": 9400, "trainer_metrics_port": 9401}
+
+
+def _default_model_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "weightwatch" / "tiny-model"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    g = parser.add_argument_group("the run")
+    g.add_argument("--duration", type=_non_negative, default=60.0, help="seconds of RL loop once the server is up (0: until Ctrl-C)")
+    g.add_argument("--run-dir", type=Path, default=None, help="where logs, spans, checkpoints go (default ./weightwatch-runs/demo-TIME)")
+    g.add_argument("--model", type=Path, default=None, help=f"tiny model directory, made if missing (default {_default_model_dir()})")
+    g.add_argument("--concurrency", type=_positive_int, default=64, help="generation requests the orchestrator keeps going")
+    g.add_argument("--pool-size", type=_positive_int, default=16, help="connections in the generation client's pool")
+    g.add_argument("--batch-size", type=_positive_int, default=32, help="completions per step")
+    g.add_argument("--max-tokens", type=_positive_int, default=64, help="max_tokens of each completion")
+    g.add_argument("--async-level", type=int, default=2, help="maximum staleness: step N waits for checkpoint N - async_level")
+    g.add_argument("--lr", type=float, default=3e-3, help="the trainer's AdamW learning rate")
+    g = parser.add_argument_group("bottleneck switches")
+    g.add_argument("--admin", choices=("lane", "shared"), default="lane",
+                   help="lane: updates on a dedicated client to the admin port; shared: through the generation pool")
+    g.add_argument("--slow-reload", type=_non_negative, default=0.0, metavar="MS", help="add MS inside each engine reload (server side)")
+    g.add_argument("--slow-writes", type=_non_negative, default=0.0, metavar="MS", help="delay each checkpoint's STABLE marker by MS")
+    g = parser.add_argument_group("network")
+    g.add_argument("--host-bind", default="127.0.0.1", help="address every listener binds (0.0.0.0 lets Prometheus in a container scrape)")
+    g.add_argument("--port", type=int, default=DEFAULT_PORTS["port"], help="inference OpenAI API and /metrics")
+    g.add_argument("--admin-port", type=int, default=DEFAULT_PORTS["admin_port"], help="inference admin lane")
+    g.add_argument("--orchestrator-metrics-port", type=int, default=DEFAULT_PORTS["orchestrator_metrics_port"])
+    g.add_argument("--trainer-metrics-port", type=int, default=DEFAULT_PORTS["trainer_metrics_port"])
+    g.add_argument("--ports", choices=("fixed", "auto"), default="fixed", help="auto: free ports for everything (printed at start)")
+    g.add_argument("--server-url", default=None,
+                   help="reuse a running `weightwatch serve` (its weights root must contain --run-dir) instead of starting one")
+    g.add_argument("--admin-url", default=None, help="with --server-url: that server's admin lane (default: port + 1)")
+    g = parser.add_argument_group("output")
+    g.add_argument("--no-live", action="store_true", help="one line per step instead of the redrawn view (automatic when not a TTY)")
+    g.add_argument("--startup-timeout", type=_non_negative, default=240.0, help="seconds to wait for vLLM to come up")
+    g.add_argument("--stop-timeout", type=_non_negative, default=20.0, help="seconds each process gets to stop before it is killed")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host if host != "0.0.0.0" else "127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _local(host: str) -> str:
+    """The address to reach a listener bound to ``host`` from this machine."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def _admin_url_for(server_url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(server_url)
+    port = (parts.port or 80) + 1
+    return urlunsplit((parts.scheme, f"{parts.hostname}:{port}", "", "", ""))
+
+
+def _wait_http(url: str, timeout: float, alive: Any, what: str) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise RuntimeError(f"{what} exited before it was ready")
+        try:
+            r = httpx.get(url, timeout=2.0)
+            if r.status_code < 500:
+                return
+            last = f"HTTP {r.status_code}"
+        except httpx.HTTPError as exc:
+            last = type(exc).__name__
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} not ready at {url} after {timeout:.0f} s ({last})")
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise _Interrupted(signal.Signals(signum).name)
+
+
+def run(args: argparse.Namespace) -> int:
+    from weightwatch.demo.live import LiveView
+    from weightwatch.demo.supervisor import Supervisor
+
+    if args.async_level < 0:
+        print("weightwatch demo: --async-level must be >= 0", file=sys.stderr)
+        return 2
+    if args.server_url and args.slow_reload:
+        print("weightwatch demo: --slow-reload needs the demo's own server; with --server-url set "
+              "WEIGHTWATCH_INJECT_RPC_DELAY_MS on that server instead", file=sys.stderr)
+        return 2
+    run_dir = (args.run_dir or Path("weightwatch-runs") / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
+    from weightwatch.demo.layout import ROLES, RunLayout
+
+    layout = RunLayout.create(run_dir)
+    host = args.host_bind
+    if args.ports == "auto":
+        for name in DEFAULT_PORTS:
+            if getattr(args, name) == DEFAULT_PORTS[name]:
+                setattr(args, name, _free_port(host))
+    api_url = args.server_url.rstrip("/") if args.server_url else f"http://{_local(host)}:{args.port}"
+    admin_url = (args.admin_url or _admin_url_for(api_url)) if args.server_url else f"http://{_local(host)}:{args.admin_port}"
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    settings.update(run_dir=str(run_dir), api_url=api_url, admin_url=admin_url, started=time.time())
+
+    # SIGTERM (docker stop, CI) behaves like Ctrl-C: stop everything, keep what was written.
+    previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    sup = Supervisor()
+    interrupted = False
+    failure: str | None = None
+    view: LiveView | None = None
+    try:
+        model_dir = _ensure_model(args.model)
+        settings["model"] = str(model_dir)
+        layout.settings.write_text(json.dumps(settings, indent=2))
+        print(f"weightwatch demo: run directory {run_dir}", flush=True)
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        py = sys.executable
+        if not args.server_url:
+            server_env = dict(env)
+            if args.slow_reload:
+                server_env["WEIGHTWATCH_INJECT_RPC_DELAY_MS"] = repr(args.slow_reload)
+            argv = [py, "-m", "weightwatch", "serve", "--model", str(model_dir), "--host", host, "--port", str(args.port),
+                    "--admin-port", str(args.admin_port), "--weights-root", str(layout.weights),
+                    "--log-file", str(layout.log("inference")), "--span-file", str(layout.spans("inference")),
+                    "--", "--max-model-len", "512", "--served-model-name", "tiny"]
+            server = sup.spawn("inference", argv, layout.out("inference"), env=server_env)
+            print(f"weightwatch demo: starting vLLM on {api_url} (admin lane {admin_url}); about 40 s on CPU ...", flush=True)
+            try:
+                _wait_http(api_url + "/health", args.startup_timeout, server.alive, "the inference server")
+                _wait_http(admin_url + "/health", 30.0, server.alive, "the admin lane")
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}\n--- {layout.out('inference')} (end) ---\n{server.tail()}") from None
+        else:
+            _wait_http(api_url + "/health", args.startup_timeout, None, "the inference server")
+
+        trainer_env = dict(env, OMP_NUM_THREADS="1")
+        trainer = sup.spawn("trainer", [
+            py, "-m", "weightwatch.demo.trainer_proc", "--run-dir", str(run_dir), "--model", str(model_dir),
+            "--metrics-port", str(args.trainer_metrics_port), "--metrics-addr", host, "--lr", repr(args.lr),
+            "--slow-writes", repr(args.slow_writes),
+        ], layout.out("trainer"), env=trainer_env)
+        print("weightwatch demo: trainer loading the model and writing step 0 ...", flush=True)
+        deadline = time.monotonic() + 120
+        while not (layout.weights / "step_0" / "STABLE").exists():
+            if not trainer.alive():
+                raise RuntimeError(f"the trainer exited before writing step 0\n--- {layout.out('trainer')} (end) ---\n{trainer.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the trainer did not write step 0 within 120 s")
+            time.sleep(0.2)
+
+        sup.spawn("orchestrator", [
+            py, "-m", "weightwatch.demo.orchestrator_proc", "--run-dir", str(run_dir), "--api-url", api_url, "--admin-url", admin_url,
+            "--admin", args.admin, "--concurrency", str(args.concurrency), "--pool-size", str(args.pool_size),
+            "--batch-size", str(args.batch_size), "--max-tokens", str(args.max_tokens), "--async-level", str(args.async_level),
+            "--metrics-port", str(args.orchestrator_metrics_port), "--metrics-addr", host,
+        ], layout.out("orchestrator"), env=env)
+        metrics = {"inference": f"{api_url}/metrics", "orchestrator": f"http://{_local(host)}:{args.orchestrator_metrics_port}/metrics",
+                   "trainer": f"http://{_local(host)}:{args.trainer_metrics_port}/metrics"}
+        print("weightwatch demo: /metrics at " + ", ".join(f"{k} {v}" for k, v in metrics.items()), flush=True)
+        settings["metrics"] = metrics
+        layout.settings.write_text(json.dumps(settings, indent=2))
+
+        switches = [f"admin={args.admin}"] + [f"{k}={v:g}ms" for k, v in (("slow-reload", args.slow_reload), ("slow-writes", args.slow_writes)) if v]
+        view = LiveView({r: layout.log(r) for r in ROLES}, " ".join(switches), live=False if args.no_live else None)
+        started = time.monotonic()
+        while args.duration <= 0 or time.monotonic() - started < args.duration:
+            dead = sup.first_dead()
+            if dead is not None:
+                failure = f"{dead.name} exited with code {dead.popen.returncode}\n--- {dead.out_path} (end) ---\n{dead.tail()}"
+                break
+            view.poll()
+            left = f"{max(0.0, args.duration - (time.monotonic() - started)):.0f} s left" if args.duration > 0 else "Ctrl-C to stop"
+            view.status = left
+            view.render()
+            time.sleep(0.5)
+    except (_Interrupted, KeyboardInterrupt):
+        interrupted = True
+    except RuntimeError as exc:
+        failure = str(exc)
+    finally:
+        # A second Ctrl-C must not leave processes behind: ignore it while stopping (stop has its own timeouts).
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        if sup.children:
+            print("\nweightwatch demo: stopping " + ", ".join(c.name for c in reversed(sup.children)) + " ...", flush=True)
+        codes = sup.stop_all(timeout=args.stop_timeout)
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if view is not None:
+        view.poll()
+        view.render(final=True)
+        print(view.summary())
+    if failure:
+        print(f"weightwatch demo: {failure}", file=sys.stderr)
+    print(f"weightwatch demo: processes stopped ({', '.join(f'{k} {v}' for k, v in codes.items())}); "
+          f"everything is in {run_dir}", flush=True)
+    _verdict(run_dir)
+    if failure:
+        return 1
+    # With --duration 0, Ctrl-C is the normal way to end; otherwise it cut the run short.
+    return 130 if interrupted and args.duration > 0 else 0
+
+
+def _ensure_model(model: Path | None) -> Path:
+    from weightwatch.inference.tiny_model import is_complete, make_tiny_model
+
+    target = model or _default_model_dir()
+    if model is not None and (target / "config.json").is_file():
+        return target.resolve()
+    if not is_complete(target, 0):
+        print(f"weightwatch demo: making the tiny model in {target} (once, about 10 s) ...", flush=True)
+    return make_tiny_model(target)
+
+
+def _verdict(run_dir: Path) -> str | None:
+    """Print the analyzer's verdict for the run and save its JSON report next to the logs."""
+    try:
+        from weightwatch.analysis import analyze_paths
+    except ImportError as exc:
+        print(f"weightwatch demo: the analyzer is not available ({exc}); run `weightwatch analyze {run_dir}` later")
+        return None
+    try:
+        report = analyze_paths([run_dir])
+        data = report.to_dict()
+    except Exception as exc:  # noqa: BLE001 - the run's files are kept whatever the analyzer thinks
+        print(f"weightwatch demo: analysis failed: {exc}; the files are in {run_dir}", file=sys.stderr)
+        return None
+    (run_dir / "report.json").write_text(json.dumps(data, indent=2, default=str))
+    verdict = report.verdict
+    signature = getattr(verdict, "signature", None)
+    print("")
+    print(f"verdict: {signature}")
+    for attr in ("summary", "rule", "explanation", "fix"):
+        value = getattr(verdict, attr, None)
+        if value:
+            print(f"  {attr}: {value}")
+    print(f"  full report: weightwatch analyze {run_dir}   (JSON: {run_dir / 'report.json'})")
+    return signature

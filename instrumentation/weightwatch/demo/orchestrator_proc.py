@@ -1,0 +1,297 @@
+"""The demo's orchestrator process: streaming generation load, checkpoint waits, a weight update every step.
+
+* ``--concurrency`` workers each stream ``/v1/completions`` back to back through one httpx client
+  whose pool holds ``--pool-size`` connections (more workers than connections, like an RL
+  orchestrator's rollout client): the load that admin calls compete with.
+* Step N: wait for checkpoint ``max(0, N - async_level)`` (``ckpt.wait``), load the newest complete
+  checkpoint on the server (``weights.update``) through the admin lane (a dedicated client to the
+  admin port) or, with ``--admin shared``, through the generation client's pool; then collect a
+  batch of ``--batch-size`` completions whose weights are at most ``async_level`` steps old
+  (``gen.batch``), record truncation and staleness (``[rollout]``) and hand the batch to the trainer
+  as ``RUN/rollouts/step_N.jsonl``.
+
+Run by ``weightwatch demo``; standalone: ``python -m weightwatch.demo.orchestrator_proc --run-dir RUN --api-url URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import random
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+import weightwatch
+from weightwatch.demo.layout import RunLayout, write_rollouts
+from weightwatch.orchestrator import AdminClient, AdminTimeouts, GenerationTracker, record_rollout, wait_for_checkpoint
+from weightwatch.telemetry import start_loop_lag_probe
+from weightwatch.trainer import latest_stable
+
+_log = logging.getLogger("weightwatch.demo.orchestrator")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m weightwatch.demo.orchestrator_proc", description=__doc__.splitlines()[0])
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--api-url", required=True, help="the server's OpenAI API, e.g. http://127.0.0.1:8000")
+    p.add_argument("--admin-url", default=None, help="the server's admin lane, e.g. http://127.0.0.1:8001 (lane mode)")
+    p.add_argument("--admin", choices=("lane", "shared"), default="lane")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--pool-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--async-level", type=int, default=2)
+    p.add_argument("--ckpt-timeout", type=float, default=300.0)
+    p.add_argument("--metrics-port", type=int, default=9400)
+    p.add_argument("--metrics-addr", default="127.0.0.1")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: until stopped)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+@dataclass
+class Completion:
+    prompt: str
+    text: str
+    finish_reason: str | None
+    ckpt_step: int
+
+
+def _prompts() -> list[str]:
+    try:
+        from weightwatch.inference.tiny_model import corpus_text
+
+        words = corpus_text().split()
+    except Exception:  # noqa: BLE001
+        words = "the trainer writes new weights and the orchestrator streams rollouts".split()
+    rng = random.Random(0)
+    out = []
+    for _ in range(64):
+        i = rng.randrange(0, max(1, len(words) - 8))
+        out.append(" ".join(words[i : i + rng.randint(3, 6)]))
+    return out
+
+
+class AdminLoop:
+    """An event loop on its own thread for admin calls; ``await run(coro)`` from the main loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="weightwatch-admin-loop", daemon=True)
+        self.thread.start()
+
+    async def run(self, coro: Any) -> Any:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class Orchestrator:
+    def __init__(self, args: argparse.Namespace, layout: RunLayout):
+        self.args = args
+        self.layout = layout
+        self.stop = asyncio.Event()
+        self.loaded_step = 0  # the server starts on the model's own weights, which are checkpoint 0
+        self.buffer: deque[Completion] = deque()
+        self.arrived = asyncio.Event()
+        self.tracker = GenerationTracker()
+        self.rng = random.Random(args.seed)
+        self.prompts = _prompts()
+        self.errors = 0
+        self.model = ""
+        # Generation: more workers than pooled connections, no pool timeout (waiting is the point).
+        self.gen = httpx.AsyncClient(
+            base_url=args.api_url,
+            limits=httpx.Limits(max_connections=args.pool_size, max_keepalive_connections=args.pool_size),
+            timeout=httpx.Timeout(connect=10.0, read=120.0, write=30.0, pool=None),
+        )
+        timeouts = AdminTimeouts(connect=10.0, read=120.0, total=300.0)
+        self.admin_loop: AdminLoop | None = None
+        if args.admin == "shared":
+            self.admin = AdminClient([args.api_url], timeouts=timeouts, client=self.gen)
+        else:
+            if not args.admin_url:
+                raise SystemExit("--admin lane needs --admin-url (the server's admin port)")
+            self.admin = AdminClient([args.admin_url], timeouts=timeouts)
+            # The lane on the client side too: admin calls run on their own thread and event loop, so
+            # a generation loop busy parsing streamed tokens cannot delay them (see docs/demo.md).
+            self.admin_loop = AdminLoop()
+
+    async def _model_name(self) -> str:
+        resp = await self.gen.get("/v1/models")
+        resp.raise_for_status()
+        return str(resp.json()["data"][0]["id"])
+
+    async def _stream_one(self, prompt: str) -> tuple[str, str | None]:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": self.args.max_tokens, "temperature": 1.0, "stream": True,
+                "seed": self.rng.randrange(1 << 30)}
+        text: list[str] = []
+        finish: str | None = None
+        async with self.gen.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                raise httpx.HTTPStatusError(f"HTTP {resp.status_code}: {resp.text[:200]}", request=resp.request, response=resp)
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                choice = json.loads(data)["choices"][0]
+                text.append(choice.get("text") or "")
+                finish = choice.get("finish_reason") or finish
+        return "".join(text), finish
+
+    async def worker(self) -> None:
+        while not self.stop.is_set():
+            prompt = self.rng.choice(self.prompts)
+            ckpt = self.loaded_step
+            try:
+                with self.tracker.request():
+                    text, finish = await self._stream_one(prompt)
+            except asyncio.CancelledError:
+                raise
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                self.errors += 1
+                if self.errors <= 5 or self.errors % 100 == 0:
+                    _log.warning("generation request failed (%d so far): %s", self.errors, exc)
+                await asyncio.sleep(0.5)
+                continue
+            self.buffer.append(Completion(prompt, text, finish, ckpt))
+            self.arrived.set()
+
+    async def collect(self, step: int, n: int) -> list[Completion]:
+        """The next ``n`` completions at most ``async_level`` steps old (older ones are dropped as off-policy)."""
+        oldest_ok = step - self.args.async_level
+        out: list[Completion] = []
+        while len(out) < n and not self.stop.is_set():
+            while self.buffer and len(out) < n:
+                c = self.buffer.popleft()
+                if c.ckpt_step >= oldest_ok:
+                    out.append(c)
+            if len(out) < n:
+                self.arrived.clear()
+                waiter = asyncio.ensure_future(self.arrived.wait())
+                stopper = asyncio.ensure_future(self.stop.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+        return out
+
+    async def update(self, step: int) -> None:
+        target = max(0, step - self.args.async_level)
+        await wait_for_checkpoint(self.layout.weights, target, timeout=self.args.ckpt_timeout, poll_interval=0.05)
+        newest = latest_stable(self.layout.weights)
+        if newest is None:
+            return
+        ckpt_step, path = newest
+        call = self.admin.update_weights(path, step=ckpt_step)
+        result = await (self.admin_loop.run(call) if self.admin_loop is not None else call)
+        if result.ok:
+            self.loaded_step = ckpt_step
+        else:
+            _log.warning("weight update to step %d failed: %s", ckpt_step, "; ".join(f"{r.reason}: {r.error}" for r in result.failed))
+
+    async def run(self) -> int:
+        args = self.args
+        self.model = await self._model_name()
+        try:  # import the admin client's instrumentation now, not inside the first update's timing
+            import opentelemetry.instrumentation.httpx  # noqa: F401
+        except ImportError:
+            pass
+        probe = start_loop_lag_probe("rl_orchestrator_event_loop_lag_seconds")
+        workers = [asyncio.create_task(self.worker(), name=f"gen-{i}") for i in range(args.concurrency)]
+        _log.info("orchestrator ready: model=%s admin=%s concurrency=%d pool=%d batch=%d async_level=%d",
+                  self.model, args.admin, args.concurrency, args.pool_size, args.batch_size, args.async_level)
+        step = 0
+        try:
+            while not self.stop.is_set() and (args.max_steps <= 0 or step < args.max_steps):
+                await self.update(step)
+                if self.stop.is_set():
+                    break
+                async with self.tracker.batch(args.batch_size, step=step) as batch:
+                    items = await self.collect(step, args.batch_size)
+                    batch.completions = len(items)
+                if len(items) < args.batch_size:
+                    break  # stopped mid-batch
+                ckpt_step = min(c.ckpt_step for c in items)
+                truncated = sum(1 for c in items if c.finish_reason == "length")
+                record_rollout(step, ckpt_step, truncated, len(items), async_level=args.async_level)
+                write_rollouts(self.layout.rollout_file(step), (
+                    {"prompt": c.prompt, "text": c.text, "finish_reason": c.finish_reason, "ckpt_step": c.ckpt_step} for c in items))
+                step += 1
+        finally:
+            for w in workers:
+                w.cancel()
+            probe.cancel()
+            await asyncio.gather(*workers, probe, return_exceptions=True)
+            if self.admin_loop is not None:
+                await self.admin_loop.run(self.admin.aclose())
+                self.admin_loop.close()
+            else:
+                await self.admin.aclose()
+            await self.gen.aclose()
+        _log.info("orchestrator stopped after %d steps", step)
+        return 0
+
+
+async def _amain(args: argparse.Namespace) -> int:
+    layout = RunLayout.create(args.run_dir)
+    orch = Orchestrator(args, layout)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, orch.stop.set)
+    main = asyncio.ensure_future(orch.run())
+    stopper = asyncio.ensure_future(orch.stop.wait())
+    await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if not main.done():
+        # give the step in progress a moment to end cleanly (an update in flight), then cancel
+        try:
+            await asyncio.wait_for(asyncio.shield(main), timeout=3.0)
+        except (TimeoutError, asyncio.CancelledError):
+            main.cancel()
+            await asyncio.gather(main, return_exceptions=True)
+    stopper.cancel()
+    if main.done() and not main.cancelled() and main.exception() is not None:
+        raise main.exception()  # type: ignore[misc]
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("concurrency", "pool_size", "batch_size", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    if args.async_level < 0:
+        raise SystemExit("--async-level must be >= 0")
+    layout = RunLayout.create(args.run_dir)
+    tele = weightwatch.setup(
+        "weightwatch-demo-orchestrator", role="orchestrator", metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
+        span_file=layout.spans("orchestrator"), log_file=layout.log("orchestrator"),
+    )
+    logging.getLogger("weightwatch.demo").setLevel(logging.INFO)
+    t0 = time.monotonic()
+    try:
+        return asyncio.run(_amain(args))
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _log.info("orchestrator exiting after %.1f s", time.monotonic() - t0)
+        tele.force_flush()
+        weightwatch.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

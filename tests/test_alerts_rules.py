@@ -1,0 +1,200 @@
+"""The Prometheus side of the stack, checked with Debian's real promtool.
+
+promtool check config / check rules / test rules (deploy/prometheus/tests/alerts_test.yml holds the unit tests:
+every alert fires when it should, stays silent when it should not, honours its `for:`), and the rules agree with
+the catalogue: thresholds, metric names, bucket boundaries.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import require_binary
+from test_stack_support import DEPLOY, ROOT
+from weightwatch import catalogue
+from weightwatch.stack_cli import render_prometheus_config
+
+pytestmark = pytest.mark.binaries
+
+RULES_DIR = DEPLOY / "prometheus" / "rules"
+RULE_FILES = sorted(RULES_DIR.glob("*.yml"))
+UNIT_TESTS = DEPLOY / "prometheus" / "tests" / "alerts_test.yml"
+EXPECTED_ALERTS = {
+    "WeightUpdateQueueHigh",
+    "WeightUpdateRpcSlow",
+    "CheckpointWaitSlow",
+    "WeightUpdateFailing",
+    "WeightUpdateStalled",
+    "StalenessAboveAsyncLevel",
+    "TruncationHigh",
+    "TargetDown",
+}
+
+
+def _rules() -> list[dict]:
+    out = []
+    for path in RULE_FILES:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            out.extend(group["rules"])
+    return out
+
+
+def _alerts() -> dict[str, dict]:
+    return {r["alert"]: r for r in _rules() if "alert" in r}
+
+
+def _recorded() -> dict[str, str]:
+    return {r["record"]: r["expr"] for r in _rules() if "record" in r}
+
+
+def _promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    promtool = require_binary("promtool")
+    return subprocess.run([promtool, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_promtool_check_config_accepts_prometheus_yml():
+    res = _promtool("check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"SUCCESS: {len(RULE_FILES)} rule files found" in res.stdout
+
+
+def test_promtool_check_config_accepts_the_rendered_local_config(tmp_path):
+    cfg = render_prometheus_config(DEPLOY, tmp_path, alertmanager="127.0.0.1:9093")
+    res = _promtool("check", "config", str(cfg))
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_promtool_check_rules():
+    res = _promtool("check", "rules", *map(str, RULE_FILES))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("SUCCESS") == len(RULE_FILES)
+
+
+def test_promtool_check_rules_rejects_a_broken_rule(tmp_path):
+    """The check above can fail: a rule with bad PromQL is refused."""
+    bad = tmp_path / "bad.yml"
+    bad.write_text("groups:\n- name: g\n  rules:\n  - alert: Broken\n    expr: rate(x[5m]) >\n")
+    res = _promtool("check", "rules", str(bad))
+    assert res.returncode != 0
+
+
+def test_promtool_unit_tests_pass():
+    res = _promtool("test", "rules", UNIT_TESTS.name, cwd=UNIT_TESTS.parent)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCESS" in res.stdout
+
+
+def test_every_alert_exists_and_has_a_unit_test_that_fires_and_one_that_stays_silent():
+    alerts = _alerts()
+    assert set(alerts) == EXPECTED_ALERTS
+    tests = yaml.safe_load(UNIT_TESTS.read_text())["tests"]
+    fired: set[str] = set()
+    silent: set[str] = set()
+    for t in tests:
+        for case in t.get("alert_rule_test", []):
+            (fired if case.get("exp_alerts") else silent).add(case["alertname"])
+    assert fired == EXPECTED_ALERTS
+    assert silent == EXPECTED_ALERTS
+
+
+def test_unit_tests_notice_when_for_is_dropped(tmp_path):
+    """The unit tests really check `for:`: with every `for:` set to 0s, each alert's tests must fail."""
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "tests").mkdir()
+    for path in RULE_FILES:
+        doc = yaml.safe_load(path.read_text())
+        for group in doc["groups"]:
+            for rule in group["rules"]:
+                if "alert" in rule:
+                    assert "for" in rule, f"{rule['alert']} has no for:"
+                    rule["for"] = "0s"
+        (tmp_path / "rules" / path.name).write_text(yaml.safe_dump(doc))
+    (tmp_path / "tests" / UNIT_TESTS.name).write_text(UNIT_TESTS.read_text())
+    res = _promtool("test", "rules", UNIT_TESTS.name, cwd=tmp_path / "tests")
+    assert res.returncode != 0
+    failing = set(re.findall(r"alertname: (\w+), time:", res.stdout + res.stderr))
+    assert failing == EXPECTED_ALERTS
+
+
+def test_unit_tests_notice_a_wrong_threshold(tmp_path):
+    """Mutation check: moving the queue threshold from 0.3 s to 0.5 s makes the WeightUpdateQueueHigh tests fail."""
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "tests").mkdir()
+    for path in RULE_FILES:
+        text = path.read_text().replace("op_server:rl_weight_update_queue_seconds:p95_5m > 0.3", "op_server:rl_weight_update_queue_seconds:p95_5m > 0.5")
+        (tmp_path / "rules" / path.name).write_text(text)
+    (tmp_path / "tests" / UNIT_TESTS.name).write_text(UNIT_TESTS.read_text())
+    res = _promtool("test", "rules", UNIT_TESTS.name, cwd=tmp_path / "tests")
+    assert res.returncode != 0
+    assert set(re.findall(r"alertname: (\w+), time:", res.stdout + res.stderr)) == {"WeightUpdateQueueHigh"}
+
+
+def test_every_alert_has_severity_summary_description_runbook_and_dashboard():
+    stack_doc = (ROOT / "docs" / "stack.md").read_text(encoding="utf-8")
+    for name, rule in _alerts().items():
+        assert rule["labels"]["severity"] in {"warning", "critical"}, name
+        ann = rule["annotations"]
+        assert ann["summary"] and ann["description"], name
+        assert "Likely cause" in ann["description"], f"{name}: the description must name the likely cause"
+        assert ann["runbook_url"] == f"docs/stack.md#{name.lower()}", name
+        assert f"### {name}" in stack_doc, f"docs/stack.md has no runbook entry for {name}"
+        assert ann["dashboard"].startswith("/d/ww-"), name
+        assert "value" in ann, name
+
+
+def _threshold(expr: str) -> float:
+    m = re.search(r">\s*([0-9.]+)\s*$", expr.strip())
+    assert m, expr
+    return float(m.group(1))
+
+
+def test_queue_threshold_matches_the_catalogue_and_is_a_bucket_boundary():
+    rule = _alerts()["WeightUpdateQueueHigh"]
+    assert _threshold(rule["expr"]) == catalogue.QUEUE_THRESHOLD_SECONDS
+    # histogram_quantile compares exactly at a bucket boundary: "p95 > 0.3" means more than 5 % of updates above 0.3 s
+    assert catalogue.QUEUE_THRESHOLD_SECONDS in catalogue.LATENCY_BUCKETS
+    assert "300 ms" in rule["annotations"]["description"]
+
+
+def test_rpc_threshold_matches_the_catalogue_and_is_a_bucket_boundary():
+    rule = _alerts()["WeightUpdateRpcSlow"]
+    assert _threshold(rule["expr"]) == catalogue.RPC_SLOW_SECONDS
+    assert catalogue.RPC_SLOW_SECONDS in catalogue.LATENCY_BUCKETS
+
+
+def test_checkpoint_wait_threshold_matches_the_analysis_constant():
+    rule = _alerts()["CheckpointWaitSlow"]
+    expected = getattr(catalogue, "CHECKPOINT_WAIT_SLOW_SECONDS", 1.0)
+    assert _threshold(rule["expr"]) == expected
+    assert expected in catalogue.LATENCY_BUCKETS
+
+
+def test_rules_use_only_catalogue_metrics():
+    names = set(catalogue.METRICS_BY_NAME)
+    histogram_series = {f"{m.name}_{s}" for m in catalogue.METRICS if m.type == "histogram" for s in ("bucket", "sum", "count")}
+    known = names | histogram_series | set(_recorded()) | {"up", "ALERTS"}
+    functions = {
+        "histogram_quantile", "sum", "by", "rate", "increase", "or", "unless", "offset", "and", "on", "max", "time", "changes",
+        "avg_over_time", "le", "job", "instance", "op", "server",
+    }
+    for rule in _rules():
+        expr = re.sub(r'"[^"]*"|\[[^\]]*\]|\{[^}]*\}|\b\d+(\.\d+)?[smhdwy]?\b', " ", rule["expr"])
+        for token in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", expr):
+            if token in functions:
+                continue
+            assert token in known, f"{rule.get('alert') or rule.get('record')}: {token} is not a catalogue metric"
+
+
+def test_recording_rules_cover_p50_p95_p99_of_queue_rpc_and_wall():
+    recorded = _recorded()
+    for metric in ("queue", "rpc", "wall"):
+        for q in ("p50", "p95", "p99"):
+            name = f"op_server:rl_weight_update_{metric}_seconds:{q}_5m"
+            assert name in recorded, name
+            assert f"histogram_quantile(0.{q[1:]}" in recorded[name]
+            assert "by (job, instance, op, server, le)" in recorded[name]
