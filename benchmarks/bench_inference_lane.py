@@ -23,11 +23,13 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import httpx
@@ -202,9 +204,7 @@ async def probe_simple(
 
 
 async def run_probes(server: VllmServer, step_dir: Path, seconds: float, pause: float) -> dict[str, list[dict]]:
-    labels = ["update via main", "update via lane", "GET /health main", "GET /weightwatch/ping main", "GET /weightwatch/ping lane",
-              "engine_ping main", "engine_ping lane"]  # fmt: skip
-    samples: dict[str, list[dict]] = {k: [] for k in labels}
+    samples: dict[str, list[dict]] = defaultdict(list)
     stop = asyncio.Event()
     lane = server.admin_url or server.base_url
     tasks = [
@@ -217,14 +217,21 @@ async def run_probes(server: VllmServer, step_dir: Path, seconds: float, pause: 
         asyncio.create_task(
             probe_simple(server.base_url, "POST", "/weightwatch/engine_ping", "engine_ping main", stop, samples, pause * 2)
         ),
-        asyncio.create_task(probe_simple(lane, "POST", "/weightwatch/engine_ping", "engine_ping lane", stop, samples, pause * 2)),
+        asyncio.create_task(
+            probe_simple(lane, "POST", "/weightwatch/engine_ping?mode=direct", "engine_ping lane (direct)", stop, samples, pause * 2)
+        ),
+        asyncio.create_task(
+            probe_simple(
+                lane, "POST", "/weightwatch/engine_ping?mode=coroutine", "engine_ping lane (coroutine hop)", stop, samples, pause * 2
+            )
+        ),
     ]
     await asyncio.sleep(seconds)
     stop.set()
     await asyncio.wait(tasks, timeout=180)
     for t in tasks:
         t.cancel()
-    return samples
+    return dict(samples)
 
 
 def summarize(samples: dict[str, list[dict]]) -> list[dict]:
@@ -373,6 +380,7 @@ def main() -> None:
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--out", type=Path, default=HERE / "results" / "inference_lane.md")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks that stop the servers
 
     from weightwatch.inference.tiny_model import make_tiny_model
 

@@ -198,3 +198,22 @@ def test_recording_rules_cover_p50_p95_p99_of_queue_rpc_and_wall():
             assert name in recorded, name
             assert f"histogram_quantile(0.{q[1:]}" in recorded[name]
             assert "by (job, instance, op, server, le)" in recorded[name]
+
+
+def test_alert_dashboard_links_point_at_provisioned_dashboards_and_their_variables():
+    import json
+    from urllib.parse import parse_qs, urlsplit
+
+    fixed = {"ww-weight-sync": "weight-sync.json", "ww-checkpoints": "checkpoints.json", "ww-generation": "generation.json", "ww-rl-hygiene": "rl-hygiene.json"}
+    for name, rule in _alerts().items():
+        link = urlsplit(rule["annotations"]["dashboard"])
+        uid = link.path.removeprefix("/d/").split("/")[0]
+        assert uid in fixed, f"{name}: {uid} is not one of the fixed dashboard uids"
+        path = ROOT / "dashboards" / fixed[uid]
+        if not path.exists():
+            continue
+        dashboard = json.loads(path.read_text())
+        assert dashboard["uid"] == uid
+        variables = {v["name"] for v in dashboard.get("templating", {}).get("list", [])}
+        for key in parse_qs(link.query):
+            assert key.removeprefix("var-") in variables, f"{name}: {uid} has no variable {key}"

@@ -267,7 +267,8 @@ def test_latency_panels_carry_exemplars_and_the_datasource_links_them_to_tempo()
     assert sum(1 for p in sync["panels"] for t in p.get("targets", []) if t.get("exemplar")) >= 12
     prom = provisioned_datasources()[FIXED_DATASOURCE_UIDS["prometheus"]]
     dests = prom.get("jsonData", {}).get("exemplarTraceIdDestinations", [])
-    assert any(d.get("datasourceUid") == FIXED_DATASOURCE_UIDS["tempo"] for d in dests), dests
+    # the exemplar label weightwatch's telemetry writes (trace_id) is the one the datasource turns into a Tempo link
+    assert any(d.get("datasourceUid") == FIXED_DATASOURCE_UIDS["tempo"] and d.get("name") == "trace_id" for d in dests), dests
 
 
 def _uids_used(node: Any, variables: dict[str, str]) -> Iterator[str]:

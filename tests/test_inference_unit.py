@@ -339,3 +339,37 @@ def test_second_update_gets_409_while_one_runs_and_engine_errors_restore(inferen
         assert failed.status_code == 500
         assert "disk on fire" in failed.json()["error"] and failed.json()["restored_weights"] == str(step)
         assert calls == [str(step), str(step), str(step)], "one failed load, then the restore"
+
+
+def test_serve_forwards_sigterm_and_exits_with_the_childs_code(tmp_path):
+    """``weightwatch serve`` with a real child process standing in for vLLM's server."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    ready = tmp_path / "ready"
+    child = (
+        "import pathlib, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\n"
+        f"pathlib.Path({str(ready)!r}).write_text('x')\n"
+        "time.sleep(60)\n"
+    )
+    launcher = (
+        "import sys\n"
+        "from weightwatch.inference import serve_cli\n"
+        f"serve_cli.build_command = lambda args, env: ([sys.executable, '-c', {child!r}], env)\n"
+        "from weightwatch.cli import main\n"
+        "sys.exit(main(['serve', '--model', 'm']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", launcher])
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(20) == 7
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -390,10 +390,10 @@ def test_shared_pool_waits_behind_generation_dedicated_does_not(tele, servers) -
             async with gen.stream("GET", s.url + "/stream") as resp:  # holds the only connection
                 it = resp.aiter_bytes()
                 await it.__anext__()
-                loop = asyncio.get_running_loop()
-                loop.call_later(0.6, beh.release.set)
+                shared_task = asyncio.create_task(AdminClient([s.url], timeouts=FAST, client=gen).update_weights("/w"))
+                await asyncio.sleep(0.1)  # the shared call is now queued for the pool
+                asyncio.get_running_loop().call_later(0.6, beh.release.set)
                 async with AdminClient([s.url], timeouts=FAST) as dedicated:
-                    shared_task = asyncio.create_task(AdminClient([s.url], timeouts=FAST, client=gen).update_weights("/w"))
                     own = await dedicated.update_weights("/w")
                 async for _ in it:
                     pass
@@ -405,8 +405,8 @@ def test_shared_pool_waits_behind_generation_dedicated_does_not(tele, servers) -
     shared, own = run(go())
     rs, ro = shared.servers[0], own.servers[0]
     assert rs.ok and ro.ok
-    # the shared call could only start once the stream gave its connection back (released at 0.6 s)
-    assert rs.pool_wait_ms >= 500 and rs.queue_ms >= rs.pool_wait_ms
+    # the shared call could only start once the stream gave its connection back (released 0.6 s after it queued)
+    assert rs.pool_wait_ms >= 600 and rs.queue_ms >= rs.pool_wait_ms
     assert ro.pool_wait_ms < rs.pool_wait_ms and ro.queue_ms < rs.queue_ms
     # the shared client is not instrumented: traceparent injected by hand, same trace
     tp = [r for r in beh.requests if r["path"] == "/update_weights"]
@@ -453,3 +453,62 @@ def test_server_timing_parsing() -> None:
     assert server_times({"server_ms": 7.0}, h) == (7.0, 3.0)
     assert server_times({"server_ms": "7", "rpc_ms": float("nan")}, httpx.Headers()) == (None, None)
     assert server_times(["not", "a", "dict"], h) == (5.0, 3.0)
+
+
+def test_shared_pool_that_never_frees_is_a_timeout_with_the_pool_wait(tele, servers) -> None:
+    s, beh = servers()
+
+    async def go() -> UpdateResult:
+        gen = httpx.AsyncClient(limits=httpx.Limits(max_connections=1))
+        try:
+            async with gen.stream("GET", s.url + "/stream") as resp:  # holds the only connection throughout
+                it = resp.aiter_bytes()  # keep the iterator: dropping it would close the stream
+                await it.__anext__()
+                admin = AdminClient([s.url], timeouts=AdminTimeouts(connect=2, read=30, total=0.6), client=gen)
+                res = await asyncio.wait_for(admin.update_weights("/w"), 20)
+                beh.release.set()
+                return res
+        finally:
+            beh.release.set()
+            await gen.aclose()
+
+    r = run(go()).servers[0]
+    assert not r.ok and r.reason == "timeout" and "still waiting for a pool connection" in r.error
+    assert r.pool_wait_ms is not None and r.pool_wait_ms >= 500  # it waited for the pool the whole 0.6 s
+    assert not [x for x in beh.requests if x["path"] == "/update_weights"]  # never reached the server
+    labels = {"op": "update_weights", "server": f"127.0.0.1:{s.port}"}
+    assert sample(tele, "rl_weight_update_pool_wait_seconds_count", **labels) == 1
+    assert sample(tele, "rl_weight_update_failures_total", reason="timeout", **labels) == 1
+
+
+def test_own_loop_runs_while_the_callers_loop_is_blocked_and_keeps_the_parent_span(tele, servers, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="weightwatch")
+    s, beh = servers()
+
+    async def go() -> tuple[UpdateResult, float, str]:
+        admin = AdminClient([s.url], timeouts=FAST, own_loop=False)
+        try:
+            with tele.tracer().start_as_current_span("orchestrator.step") as step_span:
+                task = asyncio.create_task(admin.update_weights("/w"))
+                for _ in range(3):
+                    await asyncio.sleep(0)  # the call is handed to the admin thread
+                time.sleep(1.5)  # the orchestrator's loop hogged by token parsing
+                blocked_until = time.time()
+                res = await task
+            return res, blocked_until, format(step_span.get_span_context().span_id, "016x")
+        finally:
+            await admin.aclose()
+
+    res, blocked_until, step_span_id = run(go())
+    assert res.ok
+    done = [r for r in caplog.records if "client.done" in r.getMessage()][0]
+    # the request reached the server and the answer was processed while the caller's loop was blocked
+    assert beh.requests[0]["t"] < blocked_until and done.created < blocked_until
+    assert done.threadName == "weightwatch-admin-loop"
+    parent = [x for x in spans(tele) if x["name"] == "weights.update"][0]
+    assert parent["parent_span_id"] == step_span_id
+
+
+def test_own_loop_refuses_a_shared_client() -> None:
+    with pytest.raises(ValueError, match="own_loop"):
+        AdminClient(["http://127.0.0.1:1"], client=httpx.AsyncClient(), own_loop=True)

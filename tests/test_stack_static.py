@@ -365,3 +365,42 @@ def test_dashboard_provider_reads_the_mounted_dashboards_directory(compose):
     assert mounts["./dashboards"] == provider["options"]["path"] == "/var/lib/grafana/dashboards"
     assert mounts["./deploy/grafana/provisioning"] == _services(compose)["grafana"]["environment"]["GF_PATHS_PROVISIONING"]
     assert provider["type"] == "file"
+
+
+# --------------------------------------------------------------------------- the images' commands
+
+
+def _dockerfile_commands(program: str) -> list[list[str]]:
+    """Every `weightwatch <program> ...` invocation in the Dockerfile's CMDs, shell variables given sample values."""
+    import shlex
+
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    samples = {"$DEMO_DURATION": "1800", "$run": "/runs/demo-1", "$WEIGHTWATCH_DEMO_ARGS": "", "$MODEL": "/models/tiny",
+               "$WEIGHTWATCH_WEIGHTS_ROOT": "/weights"}  # fmt: skip
+    found = []
+    for match in re.finditer(rf"weightwatch {program} ([^;|&\]]*)", text):
+        raw = match.group(1).rstrip()
+        if raw.endswith('"') and not raw.endswith('\\"'):
+            raw = raw[:-1]  # the end of the CMD's JSON string
+        cmd = raw.replace('\\"', '"')
+        for var, value in samples.items():
+            cmd = cmd.replace(var, value)
+        found.append([program, *shlex.split(cmd)])
+    return found
+
+
+@pytest.mark.parametrize("program", ["demo", "serve", "make-model"])
+def test_dockerfile_commands_parse_with_the_real_cli(program):
+    from weightwatch.cli import build_parser
+
+    commands = _dockerfile_commands(program)
+    assert commands, f"the Dockerfile never runs weightwatch {program}"
+    parser = build_parser()
+    for argv in commands:
+        args = parser.parse_args(argv)
+        assert args.command == program
+        if program == "demo":
+            assert args.host_bind == "0.0.0.0", "Prometheus in another container must reach the demo's listeners"
+            assert (args.port, args.admin_port, args.orchestrator_metrics_port, args.trainer_metrics_port) == (8000, 8001, 9400, 9401)
+        if program == "serve":
+            assert args.host == "0.0.0.0" and (args.port, args.admin_port) == (8000, 8001)

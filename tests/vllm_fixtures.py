@@ -80,19 +80,33 @@ class VllmServer:
         stop_process_group(self.proc)
 
 
-def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
-    """SIGTERM the server's process group, then SIGKILL what is left after ``grace`` seconds."""
+def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
+    """Stop a server and everything it started.
+
+    SIGTERM goes to the process itself (``weightwatch serve`` forwards it to vLLM, which stops its engine
+    and workers); whatever is still alive after ``grace`` seconds, in its process group or among the
+    descendants seen before, gets SIGKILL.
+    """
+    try:
+        import psutil
+
+        descendants = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+    except Exception:  # noqa: BLE001
+        descendants = []
     if proc.poll() is None:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
+            proc.send_signal(signal.SIGTERM)
             proc.wait(grace)
-        except subprocess.TimeoutExpired:
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    for child in descendants:
+        try:
+            if child.is_running():
+                child.kill()
+        except Exception:  # noqa: BLE001
             pass
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # engine core / worker children left in the group
+        os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     try:

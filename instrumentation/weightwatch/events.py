@@ -383,6 +383,10 @@ def _column(raw: Sequence[bytes], kind: str) -> list[Any] | None:
     """Convert a column at C speed; None when some value needs the per-line path (it is then invalid)."""
     try:
         if kind == "str":
+            uniq = dict.fromkeys(raw)
+            if len(uniq) * 4 <= len(raw):  # few distinct values (op, url): decode each once, share the str
+                table = {k: k.decode() for k in uniq}
+                return list(map(table.__getitem__, raw))
             return list(map(bytes.decode, raw))
         if kind == "int":
             return list(map(int, raw))

@@ -16,7 +16,6 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Sequence
-from itertools import repeat
 from typing import Any
 
 from weightwatch.analysis.collect import Partial
@@ -30,8 +29,6 @@ ROW_FIELDS = (
     "pool_wait_ms", "recv_delay_ms", "recv_t", "rpc_start_t", "missing", "client_source", "server_source",
     "client_seq", "ckpt_wait_ms", "ckpt_step", "signature",
 )
-R = {name: i for i, name in enumerate(ROW_FIELDS)}
-R_T, R_WALL, R_QUEUE, R_RPC, R_MISSING, R_RECV_T, R_SIG = R["t"], R["wall_ms"], R["queue_ms"], R["rpc_ms"], R["missing"], R["recv_t"], R["signature"]
 
 
 class Update:
@@ -67,7 +64,7 @@ class Update:
     @classmethod
     def from_row(cls, row: tuple) -> Update:
         u = cls.__new__(cls)
-        for name, value in zip(ROW_FIELDS, row):
+        for name, value in zip(ROW_FIELDS, row, strict=False):
             setattr(u, name, value)
         u.around = None
         return u
@@ -98,14 +95,6 @@ class Update:
         if self.around is not None:
             d["generation_around"] = self.around
         return d
-
-
-def row_start(row: tuple) -> float:
-    """Sort key: best-known start time, unknown last."""
-    t = row[R_T]
-    if t is None:
-        t = row[R_RECV_T]
-    return float("inf") if t is None else t
 
 
 # --------------------------------------------------------------------------- client halves
@@ -260,43 +249,89 @@ def _pair(tid: str, ups: list[Update], hs: list[_ServerHalf] | None, out: list[U
 # --------------------------------------------------------------------------- the join
 
 
-def _fast_rows(p: Partial, exclude: set[str]) -> tuple[list[tuple], list[int], list[int]]:
-    """Rows of trace ids with exactly one send and one done in ``p`` and nowhere else; the rest's indices."""
+class Table:
+    """All updates column-wise (ROW_FIELDS -> equal-length lists) and their time order.
+
+    A 1 GB log holds millions of updates: columns cost a few C-level operations each, where
+    per-update objects or tuples cost a Python call each.
+    """
+
+    def __init__(self) -> None:
+        self.cols: dict[str, list[Any]] = {f: [] for f in ROW_FIELDS}
+        self.n = 0
+        self.order: list[int] = []
+
+    def add(self, n: int, **cols: Any) -> None:
+        """Append ``n`` updates; a field not given is None, a non-list value is repeated."""
+        for name in ROW_FIELDS:
+            v = cols.get(name)
+            if isinstance(v, list):
+                assert len(v) == n, name
+                self.cols[name] += v
+            else:
+                self.cols[name] += [v] * n
+        self.n += n
+
+    def add_updates(self, ups: Sequence[Update]) -> None:
+        if ups:
+            self.add(len(ups), **{name: [getattr(u, name) for u in ups] for name in ROW_FIELDS})
+
+    def row(self, i: int) -> tuple:
+        return tuple(self.cols[name][i] for name in ROW_FIELDS)
+
+    def update(self, i: int) -> Update:
+        return Update.from_row(self.row(i))
+
+    def values(self, name: str) -> list[Any]:
+        """Non-None values of one field (any order)."""
+        return [v for v in self.cols[name] if v is not None]
+
+    def drop(self, idx: set[int]) -> list[tuple]:
+        """Remove rows by index, returning them as tuples."""
+        if not idx:
+            return []
+        out = [self.row(i) for i in sorted(idx)]
+        keep = [i for i in range(self.n) if i not in idx]
+        for name in ROW_FIELDS:
+            col = self.cols[name]
+            self.cols[name] = [col[i] for i in keep]
+        self.n = len(keep)
+        return out
+
+
+def _fast_columns(p: Partial, exclude: set[str], table: Table) -> tuple[list[int], list[int]]:
+    """Add trace ids with exactly one send and one done in ``p`` (and nowhere else) to ``table``; return the rest's indices."""
     s, d = p.send, p.done
     stids, dtids = s["tid"], d["tid"]
-    sidx = dict(zip(stids, range(len(stids))))
-    didx = dict(zip(dtids, range(len(dtids))))
+    sidx = dict(zip(stids, range(len(stids)), strict=False))
+    didx = dict(zip(dtids, range(len(dtids)), strict=False))
     bad = set(exclude)
     if len(sidx) != len(stids):
         bad.update(t for t, c in Counter(stids).items() if c > 1)
     if len(didx) != len(dtids):
         bad.update(t for t, c in Counter(dtids).items() if c > 1)
     if any(x is not None for x in d["server"]):
-        bad.update(t for t, x in zip(dtids, d["server"]) if x is not None)
+        bad.update(t for t, x in zip(dtids, d["server"], strict=False) if x is not None)
     fast = (sidx.keys() & didx.keys()) - bad
-    if len(fast) == len(dtids):
-        di: list[int] = list(range(len(dtids)))
-    else:
-        di = [i for i, t in enumerate(dtids) if t in fast]
-    fast_tids = [dtids[i] for i in di] if len(di) != len(dtids) else dtids
+    all_d = len(fast) == len(dtids)
+    di: list[int] = list(range(len(dtids))) if all_d else [i for i, t in enumerate(dtids) if t in fast]
+    fast_tids = dtids if all_d else [dtids[i] for i in di]
     si = list(map(sidx.__getitem__, fast_tids))
-    n = len(di)
     pick_s = lambda col: list(map(s[col].__getitem__, si))  # noqa: E731
-    pick_d = (lambda col: d[col]) if n == len(dtids) else (lambda col: list(map(d[col].__getitem__, di)))  # noqa: E731
-    none = repeat(None, n)
-    rows = list(zip(
-        fast_tids, pick_s("server"), pick_s("op"), pick_s("step"), pick_s("t"), repeat(1, n),
-        pick_d("wall_ms"), pick_d("queue_ms"), pick_d("rpc_ms"), none, pick_d("server_ms"), pick_d("pool_wait_ms"),
-        repeat(None, n), repeat(None, n), repeat(None, n), repeat(SERVER_EVENTS, n), repeat(p.source, n), repeat(None, n),
-        pick_s("seq"), repeat(None, n), repeat(None, n), repeat(HEALTHY, n),
-    ))
+    pick_d = (lambda col: list(d[col])) if all_d else (lambda col: list(map(d[col].__getitem__, di)))  # noqa: E731
+    table.add(
+        len(di), tid=list(fast_tids), server=pick_s("server"), op=pick_s("op"), step=pick_s("step"), t=pick_s("t"), attempts=1,
+        wall_ms=pick_d("wall_ms"), queue_ms=pick_d("queue_ms"), rpc_ms=pick_d("rpc_ms"), server_ms=pick_d("server_ms"),
+        pool_wait_ms=pick_d("pool_wait_ms"), missing=SERVER_EVENTS, client_source=p.source, client_seq=pick_s("seq"),
+        signature=HEALTHY,
+    )
     rest_s = [i for i, t in enumerate(stids) if t not in fast] if len(fast) != len(stids) else []
-    rest_d = [i for i, t in enumerate(dtids) if t not in fast] if n != len(dtids) else []
-    return rows, rest_s, rest_d
+    rest_d = [] if all_d else [i for i, t in enumerate(dtids) if t not in fast]
+    return rest_s, rest_d
 
 
-def join_rows(parts: Sequence[Partial]) -> list[tuple]:
-    """All updates of the run as rows: log halves first, span files filling trace ids the logs do not cover."""
+def join_table(parts: Sequence[Partial]) -> Table:
+    """All updates of the run: log halves first, span files filling trace ids the logs do not cover."""
     logs = [p for p in parts if p.origin == "log"]
     spans = [p for p in parts if p.origin == "spans"]
     servers = _server_halves(logs, None)
@@ -308,86 +343,77 @@ def join_rows(parts: Sequence[Partial]) -> list[tuple]:
         for p in client_logs:
             seen.update(set(p.send["tid"]) | set(p.done["tid"]))
         shared.update(t for t, c in seen.items() if c > 1)
-    rows: list[tuple] = []
+    table = Table()
     objects: list[Update] = []
     clients: dict[str, list[Update]] = {}
     for p in client_logs:
-        fast, rest_s, rest_d = _fast_rows(p, shared)
-        rows.extend(fast)
+        rest_s, rest_d = _fast_columns(p, shared, table)
         for tid, ups in _client_objects(p.source, _send_rows(p, rest_s), _done_rows(p, rest_d)).items():
             clients.setdefault(tid, []).extend(ups)
-    log_client_tids = set(clients)
-    for p in client_logs:
-        log_client_tids.update(p.done["tid"])
-        log_client_tids.update(p.send["tid"])
-    for p in spans:
-        if not (p.send["tid"] or p.done["tid"]):
-            continue
-        keep_s = [i for i, t in enumerate(p.send["tid"]) if t not in log_client_tids]
-        keep_d = [i for i, t in enumerate(p.done["tid"]) if t not in log_client_tids]
-        for tid, ups in _client_objects(p.source, _send_rows(p, keep_s), _done_rows(p, keep_d)).items():
-            clients.setdefault(tid, []).extend(ups)
     if spans:
+        log_client_tids = set(clients)
+        for p in client_logs:
+            log_client_tids.update(p.done["tid"])
+            log_client_tids.update(p.send["tid"])
+        for p in spans:
+            if not (p.send["tid"] or p.done["tid"]):
+                continue
+            keep_s = [i for i, t in enumerate(p.send["tid"]) if t not in log_client_tids]
+            keep_d = [i for i, t in enumerate(p.done["tid"]) if t not in log_client_tids]
+            for tid, ups in _client_objects(p.source, _send_rows(p, keep_s), _done_rows(p, keep_d)).items():
+                clients.setdefault(tid, []).extend(ups)
         servers.update(_server_halves(spans, set(servers)))
+        # span files may know the server half of an update the logs joined without one
+        hit = {i for i, t in enumerate(table.cols["tid"]) if t in servers}
+        for r in table.drop(hit):
+            u = Update.from_row(r)
+            u.missing = ()
+            clients.setdefault(u.tid, []).append(u)
     for tid, ups in clients.items():
         _pair(tid, ups, servers.pop(tid, None), objects)
-    if spans and any(r[0] in servers for r in rows):  # fast rows have no log server half; span files may know one
-        keep = []
-        for r in rows:
-            hs = servers.pop(r[0], None)
-            if hs is None:
-                keep.append(r)
-            else:
-                u = Update.from_row(r)
-                u.missing = ()
-                _pair(r[0], [u], hs, objects)
-        rows = keep
     for tid, hs in servers.items():
         objects.extend(_server_only(tid, h) for h in hs)
-    rows.extend(u.to_row() for u in objects)
-    rows = _attach_checkpoint_waits(rows, parts)
-    # one signature per update; only updates over a threshold need the function call
-    sigs = list(map(signature_of, (r[R_QUEUE] for r in rows), (r[R_RPC] for r in rows), (r[R["ckpt_wait_ms"]] for r in rows)))
-    changed = [i for i, sig in enumerate(sigs) if sig != HEALTHY or rows[i][R_SIG] != HEALTHY]
-    for i in changed:
-        r = rows[i]
-        rows[i] = (*r[:R_SIG], sigs[i])
-    rows.sort(key=row_start)
-    return rows
+    table.add_updates(objects)
+    _attach_checkpoint_waits(table, parts)
+    c = table.cols
+    c["signature"] = list(map(signature_of, c["queue_ms"], c["rpc_ms"], c["ckpt_wait_ms"]))
+    t, recv = c["t"], c["recv_t"]
+    inf = float("inf")
+    start = [x if x is not None else (y if y is not None else inf) for x, y in zip(t, recv, strict=False)]
+    table.order = sorted(range(table.n), key=start.__getitem__)
+    return table
 
 
-def _attach_checkpoint_waits(rows: list[tuple], parts: Sequence[Partial]) -> list[tuple]:
+def _attach_checkpoint_waits(table: Table, parts: Sequence[Partial]) -> None:
     """A checkpoint wait belongs to the next update its orchestrator sends (or the one with its step)."""
     waits = {p.source: sorted(p.waits) for p in parts if p.waits}
     if not waits:
-        return rows
-    src_i, seq_i, step_i, tid_i = R["client_source"], R["client_seq"], R["step"], R["tid"]
-    cw_i, cs_i = R["ckpt_wait_ms"], R["ckpt_step"]
+        return
+    c = table.cols
+    src, seqc, stepc, tidc, cw, cs = c["client_source"], c["client_seq"], c["step"], c["tid"], c["ckpt_wait_ms"], c["ckpt_step"]
     by_source: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        if r[src_i] in waits and r[seq_i] is not None:
-            by_source.setdefault(r[src_i], []).append(i)
+    for i, (s_, q) in enumerate(zip(src, seqc, strict=False)):
+        if q is not None and s_ in waits:
+            by_source.setdefault(s_, []).append(i)
     for source, idx in by_source.items():
         ws = waits[source]
         by_step = {step: (ms, step) for _s, step, ms in ws}
-        idx.sort(key=lambda i: rows[i][seq_i])
+        idx.sort(key=seqc.__getitem__)
         used: dict[str, tuple[float, int]] = {}
         wi, pending = 0, None
         for i in idx:
-            r = rows[i]
-            got = by_step.get(r[step_i]) if r[step_i] is not None else None
+            got = by_step.get(stepc[i]) if stepc[i] is not None else None
             if got is None:
-                got = used.get(r[tid_i])
+                got = used.get(tidc[i])
             if got is None:
-                while wi < len(ws) and ws[wi][0] < r[seq_i]:
+                while wi < len(ws) and ws[wi][0] < seqc[i]:
                     pending = ws[wi]
                     wi += 1
                 if pending is None:
                     continue
-                got = used[r[tid_i]] = (pending[2], pending[1])
+                got = used[tidc[i]] = (pending[2], pending[1])
                 pending = None  # one wait per update; all servers of that trace share it
-            rows[i] = (*r[:cw_i], got[0], got[1], *r[cs_i + 1:])
-    return rows
+            cw[i], cs[i] = got
 
 
 def gen_index(parts: Sequence[Partial]) -> dict[str, tuple[list[int], list[tuple]]]:
@@ -396,7 +422,7 @@ def gen_index(parts: Sequence[Partial]) -> dict[str, tuple[list[int], list[tuple
     for p in parts:
         g = p.gen
         if g["seq"]:
-            rows = sorted(zip(g["seq"], g["completions"], g["dur_ms"], g["inflight"]))
+            rows = sorted(zip(g["seq"], g["completions"], g["dur_ms"], g["inflight"], strict=False))
             out[p.source] = ([r[0] for r in rows], rows)
     return out
 

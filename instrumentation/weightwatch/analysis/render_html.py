@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from weightwatch.analysis import rules
-from weightwatch.analysis.join import R_QUEUE, R_RPC, Update
 from weightwatch.analysis.report import Report
 
 MAX_BARS = 600
@@ -76,11 +75,12 @@ def _bucket(items: Sequence[Any], key) -> list[Any]:  # type: ignore[no-untyped-
 
 
 def timeline(report: Report) -> str:
-    rows = [r for r in report.updates.rows if r[R_QUEUE] is not None or r[R_RPC] is not None]
+    q_all, r_all = report.updates.column("queue_ms"), report.updates.column("rpc_ms")
+    rows = [j for j, (q, r) in enumerate(zip(q_all, r_all, strict=False)) if q is not None or r is not None]
     title = "Weight updates over time: queue (red) and rpc (blue) per update, ms; dashed line = 300 ms queue threshold"
     if not rows:
         return _empty("plot-timeline", title, "no update with queue or rpc time")
-    shown = [Update.from_row(r) for r in _bucket(rows, key=lambda r: (r[R_QUEUE] or 0) + (r[R_RPC] or 0))]
+    shown = [report.updates[j] for j in _bucket(rows, key=lambda j: (q_all[j] or 0) + (r_all[j] or 0))]
     ups = rows
     ymax = _nice_max(max(max((u.queue_ms or 0) + (u.rpc_ms or 0) for u in shown), rules.QUEUE_THRESHOLD_MS * 1.1))
     body = _axes(ymax, "ms", f"updates in time order ({len(ups):,}" + (f", worst of each of {len(shown)} buckets)" if len(shown) < len(ups) else ")"))
@@ -183,8 +183,8 @@ def render_html(report: Report, *, compare: dict[str, Any] | None = None, before
     waits = [r[2] for r in sorted(report.series.get("waits", []))]
     gen = sorted(report.series.get("gen", []))
     inflight = [float(r[3]) for r in gen]
-    queue = [r[R_QUEUE] for r in report.updates.rows if r[R_QUEUE] is not None]
-    rpc = [r[R_RPC] for r in report.updates.rows if r[R_RPC] is not None]
+    queue = report.updates.table.values("queue_ms")
+    rpc = report.updates.table.values("rpc_ms")
     plots = [
         timeline(report),
         histogram("plot-distributions", "Distributions of queue (red) and rpc (blue) time per update", {"queue": queue, "rpc": rpc}),
@@ -194,7 +194,7 @@ def render_html(report: Report, *, compare: dict[str, Any] | None = None, before
              "generation batches in order"),
     ]
     if before is not None:
-        bq = [r[R_QUEUE] for r in before.updates.rows if r[R_QUEUE] is not None]
+        bq = before.updates.table.values("queue_ms")
         plots.append(histogram("plot-compare", "Queue time before (red) and after (blue) the fix", {"queue": bq, "rpc": queue}))
     css = ("body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:960px}"
            "table{border-collapse:collapse;margin:8px 0 18px}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}"

@@ -10,13 +10,11 @@ import heapq
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import partial
-from operator import is_not, itemgetter
 from typing import Any, overload
 
 from weightwatch.analysis import rules
 from weightwatch.analysis.collect import Partial
-from weightwatch.analysis.join import R, R_MISSING, R_QUEUE, R_SIG, R_WALL, Update, gen_index, generation_around, join_rows
+from weightwatch.analysis.join import Table, Update, gen_index, generation_around, join_table
 from weightwatch.analysis.stats import summarize
 
 SCHEMA_VERSION = 1
@@ -26,11 +24,11 @@ MEASURES = ("wall_ms", "queue_ms", "rpc_ms", "server_ms", "pool_wait_ms", "recv_
 class UpdateList(Sequence[Update]):
     """The run's updates in time order; Update objects are built on access (a run may have millions)."""
 
-    def __init__(self, rows: list[tuple], gen: dict[str, tuple[list[int], list[tuple]]]):
-        self.rows, self._gen = rows, gen
+    def __init__(self, table: Table, gen: dict[str, tuple[list[int], list[tuple]]]):
+        self.table, self._gen = table, gen
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self.table.n
 
     @overload
     def __getitem__(self, i: int) -> Update: ...
@@ -38,15 +36,20 @@ class UpdateList(Sequence[Update]):
     def __getitem__(self, i: slice) -> list[Update]: ...
     def __getitem__(self, i):  # type: ignore[no-untyped-def]
         if isinstance(i, slice):
-            return [self._make(r) for r in self.rows[i]]
-        return self._make(self.rows[i])
+            return [self._make(j) for j in self.table.order[i]]
+        return self._make(self.table.order[i])
 
     def __iter__(self) -> Iterator[Update]:
-        for r in self.rows:
-            yield self._make(r)
+        for j in self.table.order:
+            yield self._make(j)
 
-    def _make(self, row: tuple) -> Update:
-        u = Update.from_row(row)
+    def column(self, name: str) -> list[Any]:
+        """One field of every update, in time order."""
+        col = self.table.cols[name]
+        return [col[j] for j in self.table.order]
+
+    def _make(self, j: int) -> Update:
+        u = self.table.update(j)
         if u.signature != rules.HEALTHY:
             u.around = generation_around(u, self._gen)
         return u
@@ -144,28 +147,23 @@ def _baseline(measures: dict[str, dict[str, Any]], model_size: str | None) -> di
     return {"model_size": model_size, "percentile": rules.BASELINE_PERCENTILE, "checks": checks, "ok": ok}
 
 
-def _column(rows: list[tuple], i: int) -> list[float]:
-    """Non-None values of one row field, at C speed."""
-    return list(filter(partial(is_not, None), map(itemgetter(i), rows)))
-
-
 def build_report(parts: Sequence[Partial], *, slowest: int = 10, model_size: str | None = None, async_level: int | None = None) -> Report:
     """Join, diagnose and summarize a run read into Partials."""
-    rows = join_rows(parts)
-    measures = {m: summarize(_column(rows, R[m])) for m in MEASURES}
+    table = join_table(parts)
+    n = table.n
+    measures = {m: summarize(table.values(m)) for m in MEASURES}
     measures["recv_delay_ms"]["clock_skew_sensitive"] = True
-    queue = _column(rows, R_QUEUE)
-    breaches = sum(1 for q in queue if q > rules.QUEUE_THRESHOLD_MS)
-    del queue
-    sig_counts = Counter(map(itemgetter(R_SIG), rows))
+    thr = rules.QUEUE_THRESHOLD_MS
+    breaches = sum(1 for q in table.cols["queue_ms"] if q is not None and q > thr)
+    sig_counts = Counter(table.cols["signature"])
     missing: Counter[str] = Counter()
     incomplete = 0
-    for miss, c in Counter(map(itemgetter(R_MISSING), rows)).items():
+    for miss, c in Counter(table.cols["missing"]).items():
         if miss:
             incomplete += c
             for e in miss:
                 missing[e] += c
-    updates_summary = {"count": len(rows), "complete": len(rows) - incomplete, "incomplete": incomplete,
+    updates_summary = {"count": n, "complete": n - incomplete, "incomplete": incomplete,
                        "missing_events": dict(sorted(missing.items())), "by_signature": dict(sig_counts)}
 
     writes = [r for p in parts for r in p.writes]
@@ -206,11 +204,11 @@ def build_report(parts: Sequence[Partial], *, slowest: int = 10, model_size: str
         "steps_over_async_level": stale_over if lvl is not None else None,
         "ok": (not roll) or (not (trunc["mean"] or 0) > rules.TRUNCATION_WARN_PCT and stale_over == 0),
     }
-    wi, qi, ri = R_WALL, R_QUEUE, R["rpc_ms"]
-    top_rows = heapq.nlargest(max(0, slowest), rows, key=lambda r: r[wi] if r[wi] is not None else (r[qi] or 0) + (r[ri] or 0))
+    c = table.cols
+    size = [w if w is not None else (q or 0.0) + (r or 0.0) for w, q, r in zip(c["wall_ms"], c["queue_ms"], c["rpc_ms"], strict=False)]
     top = []
-    for r in top_rows:
-        u = Update.from_row(r)
+    for _size, j in heapq.nlargest(max(0, slowest), zip(size, range(n), strict=False)):
+        u = table.update(j)
         u.around = generation_around(u, gen)
         top.append(u)
     rejected = Counter[str]()
@@ -229,10 +227,10 @@ def build_report(parts: Sequence[Partial], *, slowest: int = 10, model_size: str
     inputs = [{"path": p.source, "kind": p.origin, "lines": p.lines, "events": p.events - sum(p.rejected.values()),
                "rejected": sum(p.rejected.values())} for p in parts]
     return Report(
-        verdict=_verdict(sig_counts, len(rows)), updates=UpdateList(rows, gen), inputs=inputs, parse=parse,
+        verdict=_verdict(sig_counts, n), updates=UpdateList(table, gen), inputs=inputs, parse=parse,
         updates_summary=updates_summary, measures=measures, checkpoints=checkpoints, generation=generation, rollout=rollout,
         baseline=_baseline(measures, model_size), slowest=top, queue_breaches=breaches,
         options={"slowest": slowest, "model_size": model_size, "async_level": async_level},
         series={"waits": waits, "writes": writes, "rollouts": roll,
-                "gen": sorted(r for p in parts for r in zip(p.gen["seq"], p.gen["completions"], p.gen["dur_ms"], p.gen["inflight"]))},
+                "gen": sorted(r for p in parts for r in zip(p.gen["seq"], p.gen["completions"], p.gen["dur_ms"], p.gen["inflight"], strict=False))},
     )

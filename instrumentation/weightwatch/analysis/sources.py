@@ -142,7 +142,7 @@ def _ranges(path: str, size: int, block: int) -> list[tuple[int, int]]:
             pos = nl + 1 + block
     if bounds[-1] < size:
         bounds.append(size)
-    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
 def _scan_range(job: tuple[str, int, int, int]) -> Partial:

@@ -44,7 +44,7 @@ def summarize(values: Iterable[float | None]) -> dict[str, Any]:
     if _np is not None and n >= _NUMPY_MIN:
         a = _np.asarray(xs, dtype=_np.float64)
         out: dict[str, Any] = {"count": n, "mean": float(a.mean()), "stddev": float(a.std(ddof=1)) if n > 1 else 0.0, "min": float(a.min())}
-        for q, v in zip(PERCENTILES, _np.percentile(a, PERCENTILES)):
+        for q, v in zip(PERCENTILES, _np.percentile(a, PERCENTILES), strict=False):
             out[f"p{q}"] = float(v)
         out["max"] = float(a.max())
         return out

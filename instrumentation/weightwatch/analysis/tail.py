@@ -3,7 +3,8 @@
 For jobs that print the event lines but never imported weightwatch (or run it without a metrics
 port): point ``weightwatch tail`` at their logs and scrape it instead. Files are followed by name,
 like ``tail -F``: a rotation (rename, then a new file) is noticed by inode and the old file is read to
-its end first; a truncation in place (copytruncate) is noticed by size and reading restarts at 0.
+its end first; a truncation in place (copytruncate) is noticed by size, or, when the file grew past our
+position again before we looked, by the last bytes we read no longer being there; reading restarts at 0.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Follower:
         self._ino: tuple[int, int] | None = None
         self._pos = 0
         self._buf = b""
+        self._seen = b""  # the last bytes read, to recognise the same file content at the same offset
         self._from_start = from_start
         self.rotations = 0
         self.truncations = 0
@@ -52,6 +54,10 @@ class Follower:
         st = os.fstat(fh.fileno())
         self._fh, self._ino = fh, (st.st_dev, st.st_ino)
         self._pos = st.st_size if (initial and not self._from_start) else 0
+        self._seen = b""
+        if self._pos:
+            fh.seek(max(0, self._pos - 64))
+            self._seen = fh.read(self._pos - fh.tell())
         fh.seek(self._pos)
         return True
 
@@ -63,6 +69,7 @@ class Follower:
             if not chunk:
                 break
             self._pos += len(chunk)
+            self._seen = (self._seen + chunk)[-64:]
             data = self._buf + chunk
             parts = data.split(b"\n")
             self._buf = parts.pop()
@@ -75,6 +82,10 @@ class Follower:
         """New complete lines since the last poll."""
         if self._fh is None:
             return self._read_all() if self._open() else []
+        if self._rewritten():
+            self.truncations += 1
+            self._fh.seek(0)
+            self._pos, self._buf, self._seen = 0, b"", b""
         lines = self._read_all()
         try:
             st = os.stat(self.path)
@@ -93,9 +104,20 @@ class Follower:
         elif st.st_size < self._pos:  # truncated in place
             self.truncations += 1
             self._fh.seek(0)
-            self._pos, self._buf = 0, b""
+            self._pos, self._buf, self._seen = 0, b"", b""
             lines += self._read_all()
         return lines
+
+    def _rewritten(self) -> bool:
+        """Truncated and written again past our position since the last poll?"""
+        assert self._fh is not None
+        if not self._seen:
+            return False
+        try:
+            got = os.pread(self._fh.fileno(), len(self._seen), self._pos - len(self._seen))
+        except OSError:
+            return False
+        return got != self._seen
 
     def close(self) -> None:
         if self._fh is not None:

@@ -134,6 +134,18 @@ class Orchestrator:
         resp.raise_for_status()
         return str(resp.json()["data"][0]["id"])
 
+    async def _warm_admin(self) -> None:
+        """Build the admin client and open its connection before step 0, as a long-running orchestrator has.
+
+        Otherwise the first update pays client construction (SSL context, instrumentation) and the TCP
+        connect inside its measured queue time. Best effort: the update works without it.
+        """
+        try:
+            client = self.admin._http()  # noqa: SLF001 - AdminClient builds its client lazily; no public warm-up yet
+            await client.get(self.args.admin_url.rstrip("/") + "/health", timeout=10.0)
+        except Exception as exc:  # noqa: BLE001
+            _log.info("admin warm-up skipped: %s", exc)
+
     async def _stream_one(self, prompt: str) -> tuple[str, str | None]:
         body = {"model": self.model, "prompt": prompt, "max_tokens": self.args.max_tokens, "temperature": 1.0, "stream": True,
                 "seed": self.rng.randrange(1 << 30)}
@@ -207,10 +219,8 @@ class Orchestrator:
     async def run(self) -> int:
         args = self.args
         self.model = await self._model_name()
-        try:  # import the admin client's instrumentation now, not inside the first update's timing
-            import opentelemetry.instrumentation.httpx  # noqa: F401
-        except ImportError:
-            pass
+        if self.admin_loop is not None:
+            await self.admin_loop.run(self._warm_admin())
         probe = start_loop_lag_probe("rl_orchestrator_event_loop_lag_seconds")
         workers = [asyncio.create_task(self.worker(), name=f"gen-{i}") for i in range(args.concurrency)]
         _log.info("orchestrator ready: model=%s admin=%s concurrency=%d pool=%d batch=%d async_level=%d",

@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +24,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from weightwatch import events, telemetry
+from weightwatch.orchestrator.admin_loop import AdminLoop
 from weightwatch.orchestrator.admin_types import AdminTimeouts, ServerResult, UpdateResult
 from weightwatch.orchestrator.timing import PoolWaitProbe, server_times
 
@@ -105,6 +106,8 @@ class AdminClient:
     5xx (never on 4xx, never after a read timeout, which would queue a second reload behind the first).
     ``token``: Bearer token for the admin endpoints (default: WEIGHTWATCH_ADMIN_TOKEN[_FILE]).
     ``client``: pass the generation client to send admin calls through its pool (shared-pool mode).
+    ``own_loop``: run the calls on a private event loop on its own thread, so a generation loop busy
+    with streamed tokens cannot delay them (not with ``client=``, whose connections belong to the caller's loop).
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class AdminClient:
         backoff_base: float = DEFAULT_BACKOFF_BASE,
         backoff_max: float = DEFAULT_BACKOFF_MAX,
         max_connections: int | None = None,
+        own_loop: bool = False,
     ):
         if isinstance(servers, str):
             servers = [servers]
@@ -137,7 +141,10 @@ class AdminClient:
         self.token = token if token is not None else _token_from_env()
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
         self._max_connections = max_connections or max(4, 2 * len(self.servers))
+        if own_loop and client is not None:
+            raise ValueError("own_loop=True needs the dedicated client: a shared client is bound to the caller's event loop")
         self._shared = client is not None
+        self._admin_loop: AdminLoop | None = AdminLoop() if own_loop else None
         self._client: httpx.AsyncClient | None = client
         self._instrumented = False
 
@@ -167,7 +174,16 @@ class AdminClient:
         return self._client
 
     async def aclose(self) -> None:
-        """Close the dedicated client; a shared (generation) client belongs to the caller and stays open."""
+        """Close the dedicated client (and its loop); a shared (generation) client belongs to the caller and stays open."""
+        if self._admin_loop is not None:
+            if self._client is not None:
+                await self._admin_loop.run(self._close_client())
+            self._admin_loop.close()
+            self._admin_loop = None
+            return
+        await self._close_client()
+
+    async def _close_client(self) -> None:
         if self._client is not None and not self._shared:
             await self._client.aclose()
             self._client = None
@@ -189,11 +205,16 @@ class AdminClient:
         if not isinstance(weight_dir, str | os.PathLike) or not os.fspath(weight_dir):
             raise ValueError(f"weight_dir must be a path, got {weight_dir!r}")
         body = {"weight_dir": os.path.abspath(os.fspath(weight_dir))}
-        return await self._fan_out("update_weights", body, step, timeouts or self.timeouts)
+        return await self._run(self._fan_out("update_weights", body, step, timeouts or self.timeouts))
 
     async def reload_weights(self, *, timeouts: AdminTimeouts | None = None) -> UpdateResult:
         """Tell every server to reload the model's own weights from disk."""
-        return await self._fan_out("reload_weights", None, None, timeouts or self.timeouts)
+        return await self._run(self._fan_out("reload_weights", None, None, timeouts or self.timeouts))
+
+    async def _run(self, coro: Coroutine[Any, Any, UpdateResult]) -> UpdateResult:
+        if self._admin_loop is None:
+            return await coro
+        return await self._admin_loop.run(coro)
 
     # ------------------------------------------------------------------ internals
 
@@ -236,18 +257,19 @@ class AdminClient:
             t0 = time.perf_counter()
             attempts = 0
             last: _Attempt | None = None
+            probe = PoolWaitProbe()
             try:
                 async with asyncio.timeout(timeouts.total):
                     while True:
                         attempts += 1
-                        last = await self._attempt(op, url, body, timeouts, tid, attempts)
+                        probe = PoolWaitProbe()
+                        last = await self._attempt(op, url, body, timeouts, tid, attempts, probe)
                         if last.ok or not last.retryable or attempts > self.retries:
                             break
                         await asyncio.sleep(self._backoff(attempts))
             except TimeoutError:
                 now = time.perf_counter()
-                probe = last.probe if last is not None else PoolWaitProbe()
-                last = _Attempt(probe)
+                last = _Attempt(probe)  # the attempt cut short: its probe knows whether it ever got a connection
                 last.reason = "timeout"
                 last.error = f"no answer from {url} within total={timeouts.total:g}s ({attempts} attempt(s))"
                 if probe.acquired is None:
@@ -260,14 +282,15 @@ class AdminClient:
             assert last is not None
             return self._finish(op, server, label, url, tid, span, last, wall_ms, attempts)
 
-    async def _attempt(self, op: str, url: str, body: dict[str, Any] | None, timeouts: AdminTimeouts, tid: str, attempt: int) -> _Attempt:
+    async def _attempt(self, op: str, url: str, body: dict[str, Any] | None, timeouts: AdminTimeouts, tid: str, attempt: int,
+                       probe: PoolWaitProbe) -> _Attempt:
         client = self._http()
         headers = {"accept": "application/json"}
         if self.token:
             headers["authorization"] = f"Bearer {self.token}"
         if not self._instrumented:
             propagate.inject(headers)  # W3C traceparent from the weights.update.server span
-        probe = PoolWaitProbe()
+        probe.start = time.perf_counter()
         result = _Attempt(probe)
         events.emit("weights.client.send", tid, url=url, op=op, t=time.time(), attempt=attempt,
                     pool="shared" if self._shared else "dedicated")
@@ -343,7 +366,7 @@ class AdminClient:
             span.set_attribute("rl.failure_reason", a.reason or "transport")
             span.set_status(Status(StatusCode.ERROR, a.error or a.reason or "failed"))
 
-        extra: dict[str, Any] = {"server_ms": server_ms, "pool_wait_ms": pool_wait_ms, "status": a.status if a.status is not None else None,
+        extra: dict[str, Any] = {"server_ms": server_ms, "pool_wait_ms": pool_wait_ms, "status": a.status,
                                  "ok": ok, "attempts": attempts, "op": op, "url": url}
         if not ok:
             extra["reason"] = a.reason or "transport"
