@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import require, require_binary
 
+from conftest import require, require_binary
 from weightwatch.cli import main
 
 FIX = Path(__file__).parent / "fixtures" / "logs"

@@ -33,6 +33,9 @@ ROLE_OF_METRIC = {m.name: m.role for m in METRICS if m.role != "internal"}
 FULL_RUN_TIMEOUT_S = 420.0
 #: Enough to be far above catalogue.RPC_SLOW_SECONDS (2 s) whatever the machine's load.
 SLOW_RELOAD_MS = 2500
+#: The same load for every verdict run: 32 streams wanting 8 pooled connections keeps the shared pool
+#: saturated (an update waits behind ~24 queued requests) while leaving CPU for the lane on 2 cores.
+LOAD = ("--concurrency", "32", "--pool-size", "8", "--batch-size", "16")
 
 
 def _events(path: Path) -> list[Event]:
@@ -85,7 +88,7 @@ def full_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     base = tmp_path_factory.mktemp("demo_full")
     run = FullRun(run_dir=base / "run", output=base / "demo.out")
     cmd = _demo_cmd("--run-dir", str(run.run_dir), "--model", str(tiny_model), "--duration", "0",
-                    "--slow-reload", str(SLOW_RELOAD_MS), "--concurrency", "32", "--pool-size", "8", "--batch-size", "16")
+                    "--slow-reload", str(SLOW_RELOAD_MS), *LOAD)
     with open(run.output, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     seen_pids: set[int] = set()
@@ -208,7 +211,7 @@ def _run_against(server, tiny_model: Path, name: str, *args: str, duration: floa
     if server.admin_token:
         env["WEIGHTWATCH_ADMIN_TOKEN"] = server.admin_token
     cmd = _demo_cmd("--run-dir", str(run_dir), "--model", str(tiny_model), "--server-url", server.base_url,
-                    "--admin-url", server.admin_url, "--duration", str(duration), *args)
+                    "--admin-url", server.admin_url, "--duration", str(duration), *LOAD, *args)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration + 240)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]

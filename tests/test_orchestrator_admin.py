@@ -486,7 +486,7 @@ def test_own_loop_runs_while_the_callers_loop_is_blocked_and_keeps_the_parent_sp
     s, beh = servers()
 
     async def go() -> tuple[UpdateResult, float, str]:
-        admin = AdminClient([s.url], timeouts=FAST, own_loop=False)
+        admin = AdminClient([s.url], timeouts=FAST, own_loop=True)
         try:
             with tele.tracer().start_as_current_span("orchestrator.step") as step_span:
                 task = asyncio.create_task(admin.update_weights("/w"))

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import free_port
 from weightwatch.analysis.tail import Follower, Tailer
 from weightwatch.catalogue import METRICS_BY_NAME
 from weightwatch.events import format_event
@@ -89,7 +89,7 @@ def test_events_become_catalogue_metrics(tmp_path: Path) -> None:
     assert s[("rl_generation_inflight_requests", ())] == 17
     assert s[("rl_rollout_truncated_ratio", ())] == pytest.approx(0.025)
     assert s[("rl_rollout_staleness_steps", ())] == 1 and s[("rl_async_level", ())] == 2
-    assert t.events.stats.rejected == 1 and t.events.stats.events == 9
+    assert t.events.stats.rejected == 1 and t.events.stats.events == 8
     for name, _labels in s:  # every family comes from the catalogue
         base = name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum").removesuffix("_created")
         assert base in METRICS_BY_NAME, name

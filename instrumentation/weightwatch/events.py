@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 import math
 import re
-from itertools import compress
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any
 
 from weightwatch.catalogue import EVENTS, EVENTS_BY_KEY, EventSpec
@@ -346,7 +346,7 @@ def _one(m: tuple[bytes, ...], data: bytes, cursor: list[int]) -> RawEvent | Rej
         except ValueError:
             pass
     spec = EVENTS_BY_KEY[key]
-    full = b" " + spec.name.encode() + b"".join(b" " + k.encode() + b"=" + v for (k, _), v in zip(spec.fields, raw)) + rest
+    full = b" " + spec.name.encode() + b"".join(b" " + k.encode() + b"=" + v for (k, _), v in zip(spec.fields, raw, strict=False)) + rest
     return _general(data, spec.tag.encode(), b"[" + tid + b"]" if tid else b"", full, cursor)
 
 
@@ -374,7 +374,7 @@ class Columns:
         """(seq, item) for every item, fast ones rebuilt as RawEvents; unordered."""
         for key, (seqs, tids, cols) in self.fast.items():
             ts = tids if tids is not None else [None] * len(seqs)
-            for seq, tid, *values in zip(seqs, ts, *cols):
+            for seq, tid, *values in zip(seqs, ts, *cols, strict=False):
                 yield seq, (key, tid, tuple(values), None)
         yield from self.other
 
@@ -421,7 +421,7 @@ def scan_columns(data: bytes) -> Columns:
     n = out.count = len(rows)
     if not n:
         return out
-    cols = list(zip(*rows))
+    cols = list(zip(*rows, strict=False))
     special = set(compress(range(n), cols[11]))  # tags the fast alternatives did not take
     for i in compress(range(n), cols[13]):  # text after the fields: extras, or a glued value
         if not rows[i][13].isspace():
@@ -473,7 +473,7 @@ def scan_bytes(data: bytes) -> Iterator[RawEvent | Rejected]:
 def raw_to_event(raw: RawEvent) -> Event:
     """The Event a RawEvent stands for (fields in canonical order, then extras as found)."""
     key, tid, values, extra = raw
-    fields = dict(zip((k for k, _ in EVENTS_BY_KEY[key].fields), values))
+    fields = dict(zip((k for k, _ in EVENTS_BY_KEY[key].fields), values, strict=False))
     if extra:
         for k, v in extra.items():
             fields.setdefault(k, v)

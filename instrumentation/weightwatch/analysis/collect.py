@@ -329,5 +329,6 @@ def spans_to_partial(source: str, lines: Iterable[str]) -> Partial:
                 cols[name].append(val)
         else:
             target[kind].append((seq, *row))
-    p.n = p.events = len(rows)
+    p.n = len(rows)
+    p.events = p.n + sum(p.rejected.values())
     return p

@@ -87,7 +87,7 @@ def render(report: Report) -> str:
         out.append(f"GENERATION: {g['batches']:,} batches, {g['completions']:,} completions, "
                    f"{thr:.1f} completions/s of batch time" if thr else f"GENERATION: {g['batches']:,} batches")
         out.append(_stats_row("batch_dur_ms", g["batch_dur_ms"]))
-        out.append(_stats_row("inflight", g["inflight"]).replace(".0 ", "   "))
+        out.append(_stats_row("inflight", g["inflight"]))
     r = d.rollout
     if r["steps"]:
         out.append("")

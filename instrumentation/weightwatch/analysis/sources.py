@@ -24,7 +24,7 @@ from weightwatch.analysis.collect import Partial, scan_block, spans_to_partial
 BLOCK_BYTES = 32 * 1024 * 1024
 #: Files smaller than this are read in the calling process: a pool costs more than it saves.
 PARALLEL_MIN_BYTES = 48 * 1024 * 1024
-_LOG_NAME = re.compile(r"\.log(\.\d+)?(\.gz)?$|\.gz$|\.spans\.jsonl$|\.jsonl(\.gz)?$")
+_LOG_NAME = re.compile(r"\.log(\.\d+)?(\.gz)?$|\.gz$|\.spans\.jsonl(\.gz)?$")
 
 
 class InputError(Exception):
@@ -47,7 +47,8 @@ def _kind_of(name: str) -> str:
 
 
 def expand(paths: Sequence[str]) -> list[Input]:
-    """Files as given, directories as every *.log, *.log.N, *.gz, *.spans.jsonl inside, ``-`` as stdin."""
+    """Files as given (``*.jsonl`` read as span files), directories as every *.log, *.log.N, *.gz, *.spans.jsonl
+    inside (recursively), ``-`` as stdin (span lines recognised by their leading ``{``)."""
     out: list[Input] = []
     seen: set[str] = set()
     for raw in paths:

@@ -351,7 +351,7 @@ class AdminClient:
             metrics.set("rl_weight_update_last_queue_seconds", queue_ms / 1000.0 if queue_ms is not None else math.nan, **labels)
             metrics.set("rl_weight_update_last_success_timestamp_seconds", time.time(), **labels)
         else:
-            metrics.inc("rl_weight_update_failures_total", reason=a.reason or "transport", **labels)
+            metrics.inc("rl_weight_update_failures_total", 1.0, op=op, server=label, reason=a.reason or "transport")
             _log.warning("weightwatch: %s on %s failed (%s): %s", op, label, a.reason, a.error)
 
         for key, value in (("rl.wall_ms", wall_ms), ("rl.queue_ms", queue_ms), ("rl.server_ms", server_ms),
