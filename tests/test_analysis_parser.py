@@ -105,3 +105,5 @@ def test_rejected_lines_keep_the_whole_line_and_reason() -> None:
 def test_unknown_values_survive_the_column_path() -> None:
     cols = scan_columns(b"[weights][t] client.done wall_ms=10 rpc_ms=na queue_ms=na\n")
     assert cols.fast["weights.client.done"][2] == [[10.0], [None], [None]]
+    extra = scan_columns(b"[weights][t] client.done wall_ms=1 rpc_ms=2 queue_ms=3 url=http://h:1/u server_ms=2.5\n")
+    assert extra.other == [] and extra.fast["weights.client.done"][3] == [{"url": "http://h:1/u", "server_ms": "2.5"}]

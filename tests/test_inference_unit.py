@@ -261,7 +261,7 @@ def test_config_from_env(tmp_path):
         {"WEIGHTWATCH_ADMIN_TOKEN_FILE": str(tmp_path / "nope")},
         {"WEIGHTWATCH_ADMIN_PORT": "eighty"},
         {"WEIGHTWATCH_INJECT_RPC_DELAY_MS": "-5"},
-        {"WEIGHTWATCH_PAUSE_DURING_UPDATE": "sometimes"},
+        {"WEIGHTWATCH_LANE_DISPATCH": "sometimes"},
     ]:
         with pytest.raises(ConfigError):
             InferenceConfig.from_env(env)
@@ -373,3 +373,26 @@ def test_serve_forwards_sigterm_and_exits_with_the_childs_code(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_tiny_model_is_complete_offline_and_made_once(tmp_path, monkeypatch):
+    from weightwatch.inference import tiny_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tiny_model.make_tiny_model(tmp_path / "m", seed=3)
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden_size"] // config["num_attention_heads"] == 64 == config["head_dim"]
+    assert config["dtype"] == "float32" and config["max_position_embeddings"] == 512
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ids = tok("Once upon a time")["input_ids"]
+    assert tok.decode(ids) == "Once upon a time" and max(ids) < config["vocab_size"]
+    header = ckpt.describe(out)
+    assert header["lm_head.weight"].shape == (config["vocab_size"], 128) and header["lm_head.weight"].dtype == "F32"
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert tiny_model.make_tiny_model(out, seed=3) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp, "a complete model is reused, not rewritten"
+    (out / tiny_model.MARKER).unlink()  # an interrupted make is redone
+    tiny_model.make_tiny_model(out, seed=3)
+    assert tiny_model.is_complete(out, 3) and not tiny_model.is_complete(out, 4)

@@ -230,10 +230,16 @@ def test_engine_error_is_5xx_with_the_cause_and_the_server_keeps_serving(vllm_se
     (bad / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
     assert _admin(vllm_server, "/reload_weights").status_code == 200
-    r = _admin(vllm_server, "/update_weights", {"weight_dir": str(bad)})
+    trace_id = secrets.token_hex(16)
+    r = _admin(
+        vllm_server, "/update_weights", {"weight_dir": str(bad)}, headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
+    )
     assert r.status_code == 500, r.text
     assert "missing" in r.json()["error"] and "reload_weights failed" in r.json()["error"]
     assert r.json()["restored_weights"] == str(vllm_server.model_dir)
+    spans = _read_spans(vllm_server.span_path, trace_id, {"admin.request", "engine.rpc", "engine.rpc.restore"})
+    assert spans["admin.request"]["status"] == "error"
+    assert spans["engine.rpc.restore"]["attributes"]["rl.weights_path"] == str(vllm_server.model_dir)
     assert httpx.get(f"{vllm_server.base_url}/health", timeout=30).status_code == 200
     assert _complete(vllm_server) == original
 

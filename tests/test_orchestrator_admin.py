@@ -64,7 +64,9 @@ def admin_app(b: Behaviour) -> Starlette:
         if b.timing == "json":
             return JSONResponse({"rpc_ms": rpc_ms, "server_ms": server_ms}, headers={"Server-Timing": "server;dur=1, rpc;dur=1"})
         if b.timing == "header":
-            return JSONResponse({"message": "ok"}, headers={"Server-Timing": f'server;dur={server_ms:.3f}, rpc;dur={rpc_ms:.3f};desc="reload"'})
+            return JSONResponse(
+                {"message": "ok"}, headers={"Server-Timing": f'server;dur={server_ms:.3f}, rpc;dur={rpc_ms:.3f};desc="reload"'}
+            )
         return JSONResponse({"message": "Weights updated"})
 
     async def stream(request: Request) -> Response:
@@ -76,8 +78,13 @@ def admin_app(b: Behaviour) -> Starlette:
 
         return StreamingResponse(body())
 
-    return Starlette(routes=[Route("/update_weights", handle, methods=["POST"]), Route("/reload_weights", handle, methods=["POST"]),
-                             Route("/stream", stream)])
+    return Starlette(
+        routes=[
+            Route("/update_weights", handle, methods=["POST"]),
+            Route("/reload_weights", handle, methods=["POST"]),
+            Route("/stream", stream),
+        ]
+    )
 
 
 class ServerThread:
@@ -85,8 +92,9 @@ class ServerThread:
 
     def __init__(self, app: Any):
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
-                                                   timeout_graceful_shutdown=1))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -123,8 +131,10 @@ class DroppingProxy:
                     self.request.close()
                     return
                 up = socket.create_connection(("127.0.0.1", proxy.upstream_port))
-                pipes = [threading.Thread(target=_pipe, args=(self.request, up), daemon=True),
-                         threading.Thread(target=_pipe, args=(up, self.request), daemon=True)]
+                pipes = [
+                    threading.Thread(target=_pipe, args=(self.request, up), daemon=True),
+                    threading.Thread(target=_pipe, args=(up, self.request), daemon=True),
+                ]
                 for p in pipes:
                     p.start()
                 for p in pipes:
@@ -293,6 +303,7 @@ def test_retries_after_a_dropped_connection(tele, servers, caplog) -> None:
     s, beh = servers()
     proxy = DroppingProxy(s.port, drop=1)
     try:
+
         async def go() -> UpdateResult:
             async with AdminClient([proxy.url], timeouts=FAST, retries=2, backoff_base=0.01, backoff_max=0.02) as admin:
                 return await admin.update_weights("/w")
@@ -303,7 +314,9 @@ def test_retries_after_a_dropped_connection(tele, servers, caplog) -> None:
     assert r.ok and r.attempts == 2 and proxy.accepted == 2 and len(beh.requests) == 1
     sends = [e for e in client_events(caplog) if e.name == "client.send"]
     assert [e["attempt"] for e in sends] == ["1", "2"]
-    assert sample(tele, "rl_weight_update_failures_total", op="update_weights", server=f"127.0.0.1:{proxy.port}", reason="transport") is None
+    assert (
+        sample(tele, "rl_weight_update_failures_total", op="update_weights", server=f"127.0.0.1:{proxy.port}", reason="transport") is None
+    )
 
 
 def test_5xx_is_retried_with_bounded_attempts(tele, servers) -> None:
@@ -512,3 +525,16 @@ def test_own_loop_runs_while_the_callers_loop_is_blocked_and_keeps_the_parent_sp
 def test_own_loop_refuses_a_shared_client() -> None:
     with pytest.raises(ValueError, match="own_loop"):
         AdminClient(["http://127.0.0.1:1"], client=httpx.AsyncClient(), own_loop=True)
+
+
+def test_total_timeout_while_backing_off_names_the_last_failure(tele, servers) -> None:
+    s, beh = servers(Behaviour(statuses=[503] * 10))
+
+    async def go() -> UpdateResult:
+        admin = AdminClient([s.url], timeouts=AdminTimeouts(connect=2, read=5, total=0.5), retries=5, backoff_base=2, backoff_max=2)
+        async with admin:
+            return await asyncio.wait_for(admin.update_weights("/w"), 20)
+
+    r = run(go()).servers[0]
+    assert not r.ok and r.reason == "timeout" and r.attempts == 1 and len(beh.requests) == 1
+    assert "last failure: http_5xx: HTTP 503" in r.error

@@ -119,8 +119,21 @@ def test_missing_root_with_nothing_around_says_so(tele, tmp_path) -> None:
     assert info.value.candidate is None and "wrong path" not in str(info.value)
 
 
-@pytest.mark.parametrize("kwargs", [dict(timeout=None), dict(timeout=float("inf")), dict(timeout=0), dict(timeout=1, poll_interval=0),
-                                    dict(timeout=1, poll_interval=5)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(timeout=None), dict(timeout=float("inf")), dict(timeout=0), dict(timeout=1, poll_interval=0), dict(timeout=1, poll_interval=5)],
+)
 def test_bad_timeouts_are_refused(tmp_path, kwargs) -> None:
     with pytest.raises(ValueError):
         wait_for_checkpoint_sync(tmp_path, 1, **kwargs)
+
+
+def test_a_busy_parallel_run_next_door_is_not_a_wrong_path(tmp_path) -> None:
+    mine, other = tmp_path / "run1" / "weights", tmp_path / "run2" / "weights"
+    write_checkpoint(mine, 3).join()
+    past = time.time() - 60
+    os.utime(mine / "step_3", (past, past))
+    write_checkpoint(other, 2).join()  # newer on disk, but behind the step we wait for
+    assert find_trainer_root(mine, target_step=4) is None
+    write_checkpoint(other, 4).join()  # the step we wait for appeared there and not here
+    assert find_trainer_root(mine, target_step=4) == (other, 4)

@@ -40,8 +40,9 @@ def read_events(path: Path, tid: str) -> list[events.Event]:
 
 @pytest.fixture
 def orch(telemetry_reset, tmp_path):
-    return weightwatch.setup("orch-vllm-test", role="orchestrator", log_file=tmp_path / "orchestrator.log",
-                             span_file=tmp_path / "orchestrator.spans.jsonl")
+    return weightwatch.setup(
+        "orch-vllm-test", role="orchestrator", log_file=tmp_path / "orchestrator.log", span_file=tmp_path / "orchestrator.spans.jsonl"
+    )
 
 
 def test_update_through_the_admin_lane_one_trace_across_client_and_server(orch, vllm_server, tiny_model) -> None:
@@ -111,7 +112,10 @@ def test_refusals_are_clear_and_not_retried(orch, vllm_server, tmp_path, tiny_mo
     assert (t.status, t.reason, t.attempts) == (401, "http_4xx", 1) and "admin token" in t.error
     assert d.rpc_ms is None and d.queue_ms is None
     label = vllm_server.admin_url.split("//")[1]
-    assert orch.registry.get_sample_value("rl_weight_update_failures_total", {"op": "update_weights", "server": label, "reason": "http_4xx"}) == 1
+    assert (
+        orch.registry.get_sample_value("rl_weight_update_failures_total", {"op": "update_weights", "server": label, "reason": "http_4xx"})
+        == 1
+    )
 
 
 def test_plain_vllm_has_no_admin_route_and_timing_stays_unknown(orch, plain_vllm_server, tiny_model, caplog) -> None:

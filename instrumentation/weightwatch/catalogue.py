@@ -103,6 +103,7 @@ SPANS: tuple[SpanSpec, ...] = (
     SpanSpec("weights.update.server", "client", "orchestrator", "The update of one server (child of weights.update).", ("rl.op", "rl.server", "rl.wall_ms", "rl.queue_ms", "rl.rpc_ms", "rl.pool_wait_ms")),
     SpanSpec("admin.request", "server", "inference", "The admin endpoint on the server (parent: the client's traceparent).", ("rl.op", "rl.server_ms")),
     SpanSpec("engine.rpc", "internal", "inference", "The engine call (collective_rpc reload_weights).", ("rl.op", "rl.rpc_ms")),
+    SpanSpec("engine.rpc.restore", "internal", "inference", "After a failed load: reloading the last good weights so the engine keeps serving.", ("rl.weights_path", "rl.failed_weights_path")),
     SpanSpec("ckpt.write", "internal", "trainer", "Writing one checkpoint atomically.", ("rl.step", "rl.bytes")),
     SpanSpec("ckpt.wait", "internal", "orchestrator", "Waiting for a checkpoint's STABLE marker.", ("rl.step", "rl.wait_ms")),
     SpanSpec("gen.batch", "internal", "orchestrator", "One generation batch.", ("rl.completions", "rl.inflight")),

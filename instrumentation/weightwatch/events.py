@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import compress
 from typing import Any
@@ -214,15 +214,19 @@ FAST_EVENTS = ("weights.client.done", "weights.client.send", "gen.batch.done")
 RawEvent = tuple[str, "str | None", tuple[Any, ...], "dict[str, str] | None"]
 
 
-def _fast_alternative(key: str) -> bytes:
-    spec = EVENTS_BY_KEY[key]
-    head = re.escape(spec.tag.encode()) + rb"\]" + (rb"\[([^\]\s]+)\]" if spec.has_tid else b"") + b" " + re.escape(spec.name.encode())
-    return head + b"".join(b" " + re.escape(k.encode()) + rb"=([^\s=]+)" for k, _ in spec.fields)
+def _fields_pattern(key: str) -> bytes:
+    return b" ".join(re.escape(k.encode()) + rb"=([^\s=]+)" for k, _ in EVENTS_BY_KEY[key].fields)
 
 
+# Groups: 0 tid of client.done/client.send (one group: the tid is scanned once), 1-3 client.done fields,
+# 4-6 client.send fields, 7-9 gen batch.done fields, 10 tag / 11 [tid] of any other event, 12 the rest of the line.
 _BLINE = re.compile(
-    rb"\[(?:" + b"|".join(_fast_alternative(k) for k in FAST_EVENTS) + rb"|(weights|ckpt|gen|rollout)\](\[[^\]\s]*\])?)([^\n]*)"
+    rb"\[(?:weights\]\[([^\]\s]+)\] client\.(?:done " + _fields_pattern("weights.client.done")
+    + rb"|send " + _fields_pattern("weights.client.send")
+    + rb")|gen\] batch\.done " + _fields_pattern("gen.batch.done")
+    + rb"|(weights|ckpt|gen|rollout)\](\[[^\]\s]*\])?)([^\n]*)"
 )
+assert FAST_EVENTS == ("weights.client.done", "weights.client.send", "gen.batch.done") and _BLINE.groups == 13
 _FAST_GROUPS = [(k, EVENTS_BY_KEY[k].has_tid, len(EVENTS_BY_KEY[k].fields)) for k in FAST_EVENTS]
 
 
@@ -245,10 +249,10 @@ for _e in EVENTS:
         {k.encode(): (i, k, _BCONVERT[kind], kind) for i, (k, kind) in enumerate(_e.fields)},
         tuple(k for k, _ in _e.fields),
     )
-_FAST_CONVERTERS = [tuple(_BCONVERT[kind] for _, kind in EVENTS_BY_KEY[k].fields) for k in FAST_EVENTS]
+_FAST_CONVERTERS: list[tuple[Any, ...]] = [tuple(_BCONVERT[kind] for _, kind in EVENTS_BY_KEY[k].fields) for k in FAST_EVENTS]
 
 
-def _extras(rest: bytes, known: dict[bytes, Any], extra: dict[str, str] | None) -> dict[str, str] | None:
+def _extras(rest: bytes, known: Container[bytes], extra: dict[str, str] | None) -> dict[str, str] | None:
     """Unknown ``key=value`` tokens after an event's fields (known keys repeated later are ignored)."""
     for tok in rest.split():
         k, sep, v = tok.partition(b"=")
@@ -271,9 +275,10 @@ def _general(data: bytes, tag: bytes, tid_br: bytes, rest: bytes, cursor: list[i
     else:
         if not toks:
             return _reject(data, tag, tid_br, rest, cursor, f"[{tag.decode()}] without an event name")
-        spec = names.get(toks[0])
-        if spec is None:
+        found = names.get(toks[0])
+        if found is None:
             return _reject(data, tag, tid_br, rest, cursor, f"unknown event [{tag.decode()}] {toks[0].decode()}")
+        spec = found
         toks = toks[1:]
     key, has_tid, types, required = spec
     tid = tid_br[1:-1].decode() if tid_br else None
@@ -325,18 +330,18 @@ def _reject(data: bytes, tag: bytes, tid_br: bytes, rest: bytes, cursor: list[in
     return Rejected(reason, needle.decode())  # not reached for a match of _BLINE
 
 
-_KNOWN_FAST = [frozenset(EVENTS_BY_KEY[k].fields and (f.encode() for f, _ in EVENTS_BY_KEY[k].fields)) for k in FAST_EVENTS]
+_KNOWN_FAST: list[frozenset[bytes]] = [frozenset(f.encode() for f, _ in EVENTS_BY_KEY[k].fields) for k in FAST_EVENTS]
 
 
 def _one(m: tuple[bytes, ...], data: bytes, cursor: list[int]) -> RawEvent | Rejected:
     """One ``_BLINE`` match: the fast alternatives' fields, or the general token loop."""
-    tag, tid_br, rest = m[11], m[12], m[13]
+    tag, tid_br, rest = m[10], m[11], m[12]
     if tag:
         return _general(data, tag, tid_br, rest, cursor)
-    i = 0 if m[1] else 1 if m[5] else 2
+    i = 0 if m[1] else 1 if m[4] else 2
     key, has_tid, _n = _FAST_GROUPS[i]
-    tid = m[0] if i == 0 else m[4] if i == 1 else b""
-    raw = m[1:4] if i == 0 else m[5:8] if i == 1 else m[8:11]
+    tid = m[0] if i < 2 else b""
+    raw = m[1:4] if i == 0 else m[4:7] if i == 1 else m[7:10]
     if not rest or rest[0] in _SPACE_BYTES:  # a value glued to more text is the token loop's call
         conv = _FAST_CONVERTERS[i]
         try:
@@ -366,16 +371,17 @@ class Columns:
     """
 
     count: int = 0
-    # key -> (seqs, tids or None, one list per field in the spec's order)
-    fast: dict[str, tuple[list[int], list[str] | None, list[list[Any]]]] = field(default_factory=dict)
+    # key -> (seqs, tids or None, one list per field in the spec's order, extra fields per event or None)
+    fast: dict[str, tuple[list[int], list[str] | None, list[list[Any]], list[dict[str, str] | None] | None]] = field(default_factory=dict)
     other: list[tuple[int, RawEvent | Rejected]] = field(default_factory=list)
 
     def items(self) -> Iterator[tuple[int, RawEvent | Rejected]]:
         """(seq, item) for every item, fast ones rebuilt as RawEvents; unordered."""
-        for key, (seqs, tids, cols) in self.fast.items():
+        for key, (seqs, tids, cols, extras) in self.fast.items():
             ts = tids if tids is not None else [None] * len(seqs)
-            for seq, tid, *values in zip(seqs, ts, *cols, strict=False):
-                yield seq, (key, tid, tuple(values), None)
+            xs = extras if extras is not None else [None] * len(seqs)
+            for seq, tid, x, *values in zip(seqs, ts, xs, *cols, strict=True):
+                yield seq, (key, tid, tuple(values), x)
         yield from self.other
 
 
@@ -421,12 +427,16 @@ def scan_columns(data: bytes) -> Columns:
     n = out.count = len(rows)
     if not n:
         return out
-    cols = list(zip(*rows, strict=False))
-    special = set(compress(range(n), cols[11]))  # tags the fast alternatives did not take
-    for i in compress(range(n), cols[13]):  # text after the fields: extras, or a glued value
-        if not rows[i][13].isspace():
-            special.add(i)
-    firsts = ((0, 1, 0), (1, 5, 4), (2, 8, None))  # (fast group, first field column, tid column)
+    cols = list(zip(*rows, strict=True))
+    special = set(compress(range(n), cols[10]))  # tags the fast alternatives did not take
+    extra_rows: dict[int, bytes] = {}  # fast rows with text after the fields (extra key=value pairs)
+    for i in compress(range(n), cols[12]):
+        rest = rows[i][12]
+        if rest[0] not in _SPACE_BYTES:
+            special.add(i)  # a value glued to more text: the token loop's call
+        elif not rest.isspace():
+            extra_rows[i] = rest
+    firsts = ((0, 1, 0), (1, 4, 0), (2, 7, None))  # (fast group, first field column, tid column)
     for g, fcol, tcol in firsts:
         key = FAST_EVENTS[g]
         spec = EVENTS_BY_KEY[key]
@@ -439,7 +449,11 @@ def scan_columns(data: bytes) -> Columns:
             special.update(seqs)  # some value is bad: let the token loop find which and why
             continue
         tids = list(map(bytes.decode, compress(cols[tcol], mask))) if tcol is not None else None
-        out.fast[key] = (seqs, tids, converted)  # type: ignore[assignment]
+        extras = None
+        if extra_rows:
+            known = _KNOWN_FAST[g]
+            extras = [_extras(extra_rows[i], known, None) if i in extra_rows else None for i in seqs]
+        out.fast[key] = (seqs, tids, converted, extras)  # type: ignore[assignment]
     if special:
         cursor = [0]
         for i in sorted(special):

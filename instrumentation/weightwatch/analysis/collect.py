@@ -42,6 +42,8 @@ def server_of(url: str) -> str:
 SEND_COLS = ("seq", "tid", "server", "op", "t", "step")
 DONE_COLS = ("seq", "tid", "wall_ms", "rpc_ms", "queue_ms", "server", "server_ms", "pool_wait_ms")
 GEN_COLS = ("seq", "completions", "dur_ms", "inflight")
+#: Updates already joined inside one block: one send and one done with that trace id (see ``prejoin``).
+JOINED_COLS = ("seq", "tid", "server", "op", "step", "t", "wall_ms", "rpc_ms", "queue_ms", "server_ms", "pool_wait_ms", "hash")
 
 
 def _cols(names: tuple[str, ...]) -> dict[str, list[Any]]:
@@ -70,6 +72,7 @@ class Partial:
     send: dict[str, list[Any]] = field(default_factory=lambda: _cols(SEND_COLS))
     done: dict[str, list[Any]] = field(default_factory=lambda: _cols(DONE_COLS))
     gen: dict[str, list[Any]] = field(default_factory=lambda: _cols(GEN_COLS))
+    joined: dict[str, list[Any]] = field(default_factory=lambda: _cols(JOINED_COLS))
     # (seq, tid, path, t)
     recvs: list[tuple] = field(default_factory=list)
     # (seq, tid, op, t)
@@ -93,14 +96,14 @@ class Partial:
     def __getstate__(self) -> dict[str, Any]:
         # Workers send Partials back through a pipe: a million trace ids pickle far faster as one string.
         state = dict(self.__dict__)
-        for name in ("send", "done"):
+        for name in ("send", "done", "joined"):
             cols = dict(state[name])
             cols["tid"] = _Joined("\n".join(cols["tid"]), len(cols["tid"]))
             state[name] = cols
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        for name in ("send", "done"):
+        for name in ("send", "done", "joined"):
             tids = state[name]["tid"]
             if isinstance(tids, _Joined):
                 state[name]["tid"] = tids.text.split("\n") if tids.n else []
@@ -120,7 +123,7 @@ class Partial:
             return self
         q = Partial(self.source, origin=self.origin, n=self.n + base, events=self.events, lines=self.lines,
                     wait_starts=self.wait_starts, rejected=self.rejected, samples=self.samples, server_ms=self.server_ms)
-        for name in ("send", "done", "gen"):
+        for name in ("send", "done", "gen", "joined"):
             cols = dict(getattr(self, name))
             cols["seq"] = [x + base for x in cols["seq"]]
             setattr(q, name, cols)
@@ -130,7 +133,7 @@ class Partial:
 
     def extend(self, other: Partial) -> None:
         """Append a later block of the same source (its seq numbers start above ours: see BLOCK_SEQ)."""
-        for name in ("send", "done", "gen"):
+        for name in ("send", "done", "gen", "joined"):
             mine, theirs = getattr(self, name), getattr(other, name)
             for col, values in theirs.items():
                 mine[col].extend(values)
@@ -180,7 +183,7 @@ def ingest_columns(p: Partial, c: Columns) -> None:
     base = p.n
     servers = _Servers()
     touched: set[str] = set()
-    for key, (seqs, tids, vals) in c.fast.items():
+    for key, (seqs, tids, vals, extras) in c.fast.items():
         sq = [s + base for s in seqs] if base else seqs
         n = len(seqs)
         if key == "weights.client.done":
@@ -190,10 +193,16 @@ def ingest_columns(p: Partial, c: Columns) -> None:
             d["wall_ms"] += vals[0]
             d["rpc_ms"] += vals[1]
             d["queue_ms"] += vals[2]
-            nones = [None] * n
-            d["server"] += nones
-            d["server_ms"] += nones
-            d["pool_wait_ms"] += nones
+            if extras is None:
+                nones = [None] * n
+                d["server"] += nones
+                d["server_ms"] += nones
+                d["pool_wait_ms"] += nones
+            else:  # what weightwatch's own client writes after the fields: server_ms=, pool_wait_ms=, url=
+                srvs = [(x.get("server") or x.get("url")) if x else None for x in extras]
+                d["server"] += [servers[v] if v else None for v in srvs]
+                d["server_ms"] += [_num(x.get("server_ms")) if x else None for x in extras]
+                d["pool_wait_ms"] += [_num(x.get("pool_wait_ms")) if x else None for x in extras]
         elif key == "weights.client.send":
             s = p.send
             s["seq"] += sq
@@ -201,7 +210,7 @@ def ingest_columns(p: Partial, c: Columns) -> None:
             s["server"] += list(map(servers.__getitem__, vals[0]))
             s["op"] += vals[1]
             s["t"] += vals[2]
-            s["step"] += [None] * n
+            s["step"] += [None] * n if extras is None else [_int(x.get("step")) if x else None for x in extras]
         elif key == "gen.batch.done":
             g = p.gen
             g["seq"] += sq
@@ -210,7 +219,7 @@ def ingest_columns(p: Partial, c: Columns) -> None:
             g["inflight"] += vals[2]
     for seq, item in c.other:
         seq += base
-        if item.__class__ is Rejected:
+        if isinstance(item, Rejected):
             p.reject(item.reason, item.line)
             continue
         key, tid, v, x = item
@@ -258,6 +267,47 @@ def ingest_columns(p: Partial, c: Columns) -> None:
 BLOCK_SEQ = 1 << 40
 
 
+def prejoin(p: Partial) -> None:
+    """Join, inside one block, the trace ids with exactly one send and one done (to the same server).
+
+    Done where the block is parsed (in parallel, with dicts small enough to stay in cache); the parent
+    only checks these against trace ids seen elsewhere and joins what crosses block boundaries.
+    """
+    s, d = p.send, p.done
+    stids, dtids = s["tid"], d["tid"]
+    if not stids or not dtids:
+        return
+    sidx = dict(zip(stids, range(len(stids)), strict=True))
+    didx = dict(zip(dtids, range(len(dtids)), strict=True))
+    both = sidx.keys() & didx.keys()
+    if len(sidx) != len(stids):
+        both -= {t for t, c in Counter(stids).items() if c > 1}
+    if len(didx) != len(dtids):
+        both -= {t for t, c in Counter(dtids).items() if c > 1}
+    if any(x is not None for x in d["server"]):
+        ss, ds = s["server"], d["server"]
+        both -= {t for t in both if ds[didx[t]] is not None and ds[didx[t]] != ss[sidx[t]]}
+    if not both:
+        return
+    di = [i for i, t in enumerate(dtids) if t in both] if len(both) != len(dtids) else list(range(len(dtids)))
+    tids = [dtids[i] for i in di]
+    si = list(map(sidx.__getitem__, tids))
+    j = p.joined
+    j["tid"] += tids
+    # hash(tid), computed where the strings are hot; forked workers share the parent's hash secret, so the
+    # parent checks millions of trace ids for duplicates without touching the strings
+    j["hash"] += list(map(hash, tids))
+    for col in ("seq", "server", "op", "step", "t"):
+        j[col] += list(map(s[col].__getitem__, si))
+    for col in ("wall_ms", "rpc_ms", "queue_ms", "server_ms", "pool_wait_ms"):
+        j[col] += list(map(d[col].__getitem__, di))
+    keep_s = [i for i, t in enumerate(stids) if t not in both]
+    keep_d = [i for i, t in enumerate(dtids) if t not in both]
+    for cols, keep in ((s, keep_s), (d, keep_d)):
+        for col, values in cols.items():
+            cols[col] = [values[i] for i in keep]
+
+
 def scan_block(source: str, data: bytes, index: int = 0) -> Partial:
     """Parse block ``index`` of a source (``\\n``-separated log lines) into a Partial: a worker's whole job."""
     p = Partial(source, n=index * BLOCK_SEQ)
@@ -266,6 +316,7 @@ def scan_block(source: str, data: bytes, index: int = 0) -> Partial:
     gc.disable()  # millions of small objects, none cyclic: the cyclic GC would rescan them over and over
     try:
         ingest_columns(p, scan_columns(data))
+        prejoin(p)
     finally:
         if enabled:
             gc.enable()

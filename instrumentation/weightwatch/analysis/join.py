@@ -83,7 +83,7 @@ class Update:
 
     def to_dict(self) -> dict[str, Any]:
         diag = self.diagnosis()
-        d = {
+        d: dict[str, Any] = {
             "trace_id": self.tid, "server": self.server, "op": self.op, "step": self.step, "t": self.start,
             "wall_ms": self.wall_ms, "queue_ms": self.queue_ms, "rpc_ms": self.rpc_ms, "server_ms": self.server_ms,
             "server_rpc_ms": self.server_rpc_ms, "pool_wait_ms": self.pool_wait_ms,
@@ -160,8 +160,13 @@ class _ServerHalf:
 
     def __init__(self, source: str) -> None:
         self.source = source
-        self.path = self.op = None
-        self.recv_t = self.start_t = self.done_t = self.rpc_ms = self.server_ms = None
+        self.path: str | None = None
+        self.op: str | None = None
+        self.recv_t: float | None = None
+        self.start_t: float | None = None
+        self.done_t: float | None = None
+        self.rpc_ms: float | None = None
+        self.server_ms: float | None = None
 
 
 def _server_halves(parts: Sequence[Partial], skip: set[str] | None) -> dict[str, list[_ServerHalf]]:
@@ -299,35 +304,34 @@ class Table:
         return out
 
 
-def _fast_columns(p: Partial, exclude: set[str], table: Table) -> tuple[list[int], list[int]]:
-    """Add trace ids with exactly one send and one done in ``p`` (and nowhere else) to ``table``; return the rest's indices."""
-    s, d = p.send, p.done
-    stids, dtids = s["tid"], d["tid"]
-    sidx = dict(zip(stids, range(len(stids)), strict=False))
-    didx = dict(zip(dtids, range(len(dtids)), strict=False))
-    bad = set(exclude)
-    if len(sidx) != len(stids):
-        bad.update(t for t, c in Counter(stids).items() if c > 1)
-    if len(didx) != len(dtids):
-        bad.update(t for t, c in Counter(dtids).items() if c > 1)
-    if any(x is not None for x in d["server"]):
-        bad.update(t for t, x in zip(dtids, d["server"], strict=False) if x is not None)
-    fast = (sidx.keys() & didx.keys()) - bad
-    all_d = len(fast) == len(dtids)
-    di: list[int] = list(range(len(dtids))) if all_d else [i for i, t in enumerate(dtids) if t in fast]
-    fast_tids = dtids if all_d else [dtids[i] for i in di]
-    si = list(map(sidx.__getitem__, fast_tids))
-    pick_s = lambda col: list(map(s[col].__getitem__, si))  # noqa: E731
-    pick_d = (lambda col: list(d[col])) if all_d else (lambda col: list(map(d[col].__getitem__, di)))  # noqa: E731
+def _joined_columns(p: Partial, exclude: set[str], table: Table) -> tuple[list[tuple], list[tuple]]:
+    """Add the updates ``prejoin`` joined inside blocks to ``table``; those whose trace id shows up
+    elsewhere (other sources, server halves, leftovers) come back as (send, done) tuples for the general path."""
+    j = p.joined
+    n = len(j["tid"])
+    if not n:
+        return [], []
+    hashes = j["hash"]
+    excl = {hash(t) for t in exclude}
+    if len(set(hashes)) != n:  # a trace id joined in two blocks (duplicated log lines): the general path decides
+        excl.update(h for h, c in Counter(hashes).items() if c > 1)
+    bad = [i for i, h in enumerate(hashes) if h in excl] if excl else []
+    if bad:
+        badset = set(bad)
+        sends = [(j["seq"][i], j["tid"][i], j["server"][i], j["op"][i], j["t"][i], j["step"][i]) for i in bad]
+        dones = [(j["seq"][i], j["tid"][i], j["wall_ms"][i], j["rpc_ms"][i], j["queue_ms"][i], j["server"][i], j["server_ms"][i],
+                  j["pool_wait_ms"][i]) for i in bad]
+        keep = [i for i in range(n) if i not in badset]
+        cols = {c: [v[i] for i in keep] for c, v in j.items()}
+        n = len(keep)
+    else:
+        sends, dones, cols = [], [], j
     table.add(
-        len(di), tid=list(fast_tids), server=pick_s("server"), op=pick_s("op"), step=pick_s("step"), t=pick_s("t"), attempts=1,
-        wall_ms=pick_d("wall_ms"), queue_ms=pick_d("queue_ms"), rpc_ms=pick_d("rpc_ms"), server_ms=pick_d("server_ms"),
-        pool_wait_ms=pick_d("pool_wait_ms"), missing=SERVER_EVENTS, client_source=p.source, client_seq=pick_s("seq"),
-        signature=HEALTHY,
+        n, tid=cols["tid"], server=cols["server"], op=cols["op"], step=cols["step"], t=cols["t"], attempts=1,
+        wall_ms=cols["wall_ms"], queue_ms=cols["queue_ms"], rpc_ms=cols["rpc_ms"], server_ms=cols["server_ms"],
+        pool_wait_ms=cols["pool_wait_ms"], missing=SERVER_EVENTS, client_source=p.source, client_seq=cols["seq"], signature=HEALTHY,
     )
-    rest_s = [i for i, t in enumerate(stids) if t not in fast] if len(fast) != len(stids) else []
-    rest_d = [] if all_d else [i for i, t in enumerate(dtids) if t not in fast]
-    return rest_s, rest_d
+    return sends, dones
 
 
 def join_table(parts: Sequence[Partial]) -> Table:
@@ -335,26 +339,33 @@ def join_table(parts: Sequence[Partial]) -> Table:
     logs = [p for p in parts if p.origin == "log"]
     spans = [p for p in parts if p.origin == "spans"]
     servers = _server_halves(logs, None)
-    client_logs = [p for p in logs if p.send["tid"] or p.done["tid"]]
-    # trace ids seen by more than one client source, or with a server half, take the general path
+    client_logs = [p for p in logs if p.send["tid"] or p.done["tid"] or p.joined["tid"]]
+    # Trace ids with a server half, seen by more than one client source, or also among the halves left
+    # unjoined (a retry, a send and its done in different blocks) take the general path.
     shared: set[str] = set(servers)
+    loose = [set(p.send["tid"]) | set(p.done["tid"]) for p in client_logs]
+    for x in loose:
+        shared |= x
     if len(client_logs) > 1:
         seen: Counter[str] = Counter()
-        for p in client_logs:
-            seen.update(set(p.send["tid"]) | set(p.done["tid"]))
+        for p, x in zip(client_logs, loose, strict=True):
+            seen.update(x | set(p.joined["tid"]))
         shared.update(t for t, c in seen.items() if c > 1)
     table = Table()
     objects: list[Update] = []
     clients: dict[str, list[Update]] = {}
     for p in client_logs:
-        rest_s, rest_d = _fast_columns(p, shared, table)
-        for tid, ups in _client_objects(p.source, _send_rows(p, rest_s), _done_rows(p, rest_d)).items():
+        js, jd = _joined_columns(p, shared, table)
+        sends = sorted(js + _send_rows(p, range(len(p.send["tid"]))))
+        dones = sorted(jd + _done_rows(p, range(len(p.done["tid"]))), key=lambda r: r[0])
+        for tid, ups in _client_objects(p.source, sends, dones).items():
             clients.setdefault(tid, []).extend(ups)
     if spans:
         log_client_tids = set(clients)
         for p in client_logs:
             log_client_tids.update(p.done["tid"])
             log_client_tids.update(p.send["tid"])
+            log_client_tids.update(p.joined["tid"])
         for p in spans:
             if not (p.send["tid"] or p.done["tid"]):
                 continue
@@ -380,7 +391,10 @@ def join_table(parts: Sequence[Partial]) -> Table:
     t, recv = c["t"], c["recv_t"]
     inf = float("inf")
     start = [x if x is not None else (y if y is not None else inf) for x, y in zip(t, recv, strict=False)]
-    table.order = sorted(range(table.n), key=start.__getitem__)
+    seq = [-1 if q is None else q for q in c["client_seq"]]
+    order = sorted(range(table.n), key=seq.__getitem__)  # ties in time keep log order, however the log was cut
+    order.sort(key=start.__getitem__)
+    table.order = order
     return table
 
 

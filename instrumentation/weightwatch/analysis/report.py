@@ -158,11 +158,11 @@ def build_report(parts: Sequence[Partial], *, slowest: int = 10, model_size: str
     sig_counts = Counter(table.cols["signature"])
     missing: Counter[str] = Counter()
     incomplete = 0
-    for miss, c in Counter(table.cols["missing"]).items():
+    for miss, k in Counter(table.cols["missing"]).items():
         if miss:
-            incomplete += c
+            incomplete += k
             for e in miss:
-                missing[e] += c
+                missing[e] += k
     updates_summary = {"count": n, "complete": n - incomplete, "incomplete": incomplete,
                        "missing_events": dict(sorted(missing.items())), "by_signature": dict(sig_counts)}
 

@@ -22,6 +22,8 @@ from weightwatch.analysis.collect import Partial, scan_block, spans_to_partial
 
 #: Bytes per block a worker parses at once (bounds memory; the pool balances over blocks).
 BLOCK_BYTES = 32 * 1024 * 1024
+#: Smallest range handed to a worker (smaller ones cost more in pickling than they save).
+MIN_BLOCK_BYTES = 1 << 20
 #: Files smaller than this are read in the calling process: a pool costs more than it saves.
 PARALLEL_MIN_BYTES = 48 * 1024 * 1024
 _LOG_NAME = re.compile(r"\.log(\.\d+)?(\.gz)?$|\.gz$|\.spans\.jsonl(\.gz)?$")
@@ -184,7 +186,7 @@ def read_inputs(inputs: Sequence[Input], jobs: int | None = None) -> list[Partia
                 continue
             size = os.path.getsize(inp.path)
             if not inp.compressed and jobs > 1 and size >= PARALLEL_MIN_BYTES:
-                block = max(1 << 20, min(BLOCK_BYTES, size // (jobs * 4) + 1))
+                block = max(MIN_BLOCK_BYTES, min(BLOCK_BYTES, size // (jobs * 4) + 1))
                 big.append((len(slots), inp.path, _ranges(inp.path, size, block)))
                 slots.append(None)
                 continue

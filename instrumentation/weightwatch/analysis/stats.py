@@ -11,6 +11,7 @@ import operator
 from collections.abc import Iterable
 from typing import Any
 
+_np: Any
 try:  # optional: an order of magnitude faster on big runs
     import numpy as _np
 except ImportError:  # pragma: no cover - exercised where numpy is missing

@@ -179,9 +179,11 @@ class EventMetrics:
                 m.set("rl_weight_update_last_queue_seconds", e["queue_ms"] / 1000.0, **labels)
             m.set("rl_weight_update_last_success_timestamp_seconds", time.time(), **labels)
         elif k == "weights.rpc.done":
-            m.observe("rl_admin_rpc_seconds", e["rpc_ms"] / 1000.0, op=e["op"]) if e["rpc_ms"] is not None else None
+            if e["rpc_ms"] is not None:
+                m.observe("rl_admin_rpc_seconds", e["rpc_ms"] / 1000.0, op=e["op"])
         elif k == "ckpt.wait.done":
-            m.observe("rl_checkpoint_wait_seconds", e["wait_ms"] / 1000.0) if e["wait_ms"] is not None else None
+            if e["wait_ms"] is not None:
+                m.observe("rl_checkpoint_wait_seconds", e["wait_ms"] / 1000.0)
         elif k == "ckpt.write.done":
             if e["write_ms"] is not None:
                 m.observe("rl_checkpoint_write_seconds", e["write_ms"] / 1000.0)

@@ -69,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--admin-port", type=int, default=DEFAULT_PORTS["admin_port"], help="inference admin lane")
     g.add_argument("--orchestrator-metrics-port", type=int, default=DEFAULT_PORTS["orchestrator_metrics_port"])
     g.add_argument("--trainer-metrics-port", type=int, default=DEFAULT_PORTS["trainer_metrics_port"])
-    g.add_argument("--ports", choices=("fixed", "auto"), default="fixed", help="auto: free ports for everything (printed at start)")
+    g.add_argument("--ports", "--metrics-ports", dest="ports", choices=("fixed", "auto"), default="fixed",
+                   help="auto: free ports for everything (printed at start, saved in RUN/demo.json)")
     g.add_argument("--server-url", default=None,
                    help="reuse a running `weightwatch serve` (its weights root must contain --run-dir) instead of starting one")
     g.add_argument("--admin-url", default=None, help="with --server-url: that server's admin lane (default: port + 1)")
@@ -243,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"weightwatch demo: {failure}", file=sys.stderr)
     print(f"weightwatch demo: processes stopped ({', '.join(f'{k} {v}' for k, v in codes.items())}); "
           f"everything is in {run_dir}", flush=True)
-    _verdict(run_dir)
+    _verdict(run_dir, args.async_level)
     if failure:
         return 1
     # With --duration 0, Ctrl-C is the normal way to end; otherwise it cut the run short.
@@ -261,7 +262,7 @@ def _ensure_model(model: Path | None) -> Path:
     return make_tiny_model(target)
 
 
-def _verdict(run_dir: Path) -> str | None:
+def _verdict(run_dir: Path, async_level: int | None = None) -> str | None:
     """Print the analyzer's verdict for the run and save its JSON report next to the logs."""
     try:
         from weightwatch.analysis import analyze_paths
@@ -269,7 +270,7 @@ def _verdict(run_dir: Path) -> str | None:
         print(f"weightwatch demo: the analyzer is not available ({exc}); run `weightwatch analyze {run_dir}` later")
         return None
     try:
-        report = analyze_paths([run_dir])
+        report = analyze_paths([str(run_dir)], async_level=async_level)
         data = report.to_dict()
     except Exception as exc:  # noqa: BLE001 - the run's files are kept whatever the analyzer thinks
         print(f"weightwatch demo: analysis failed: {exc}; the files are in {run_dir}", file=sys.stderr)

@@ -119,7 +119,7 @@ class LiveState:
 
 def _int(v: object) -> int | None:
     try:
-        return int(v)  # type: ignore[arg-type]
+        return int(v)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         return None
 

@@ -222,7 +222,7 @@ class Orchestrator:
         if self.admin_loop is not None:
             await self.admin_loop.run(self._warm_admin())
         probe = start_loop_lag_probe("rl_orchestrator_event_loop_lag_seconds")
-        workers = [asyncio.create_task(self.worker(), name=f"gen-{i}") for i in range(args.concurrency)]
+        workers: list[asyncio.Task[None]] = []
         _log.info("orchestrator ready: model=%s admin=%s concurrency=%d pool=%d batch=%d async_level=%d",
                   self.model, args.admin, args.concurrency, args.pool_size, args.batch_size, args.async_level)
         step = 0
@@ -231,6 +231,9 @@ class Orchestrator:
                 await self.update(step)
                 if self.stop.is_set():
                     break
+                if not workers:
+                    # Like a real orchestrator: load the first checkpoint, then start generating with it.
+                    workers = [asyncio.create_task(self.worker(), name=f"gen-{i}") for i in range(args.concurrency)]
                 async with self.tracker.batch(args.batch_size, step=step) as batch:
                     items = await self.collect(step, args.batch_size)
                     batch.completions = len(items)
@@ -287,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.async_level < 0:
         raise SystemExit("--async-level must be >= 0")
     layout = RunLayout.create(args.run_dir)
+    if args.admin == "lane":
+        # Admin calls run on their own thread; a thread that waits on sockets gives up the GIL at every
+        # syscall and, by default, waits up to 5 ms to get it back from the busy generation thread each
+        # time. A 1 ms switch interval keeps that convoy small (sys.setswitchinterval, docs/demo.md).
+        sys.setswitchinterval(0.001)
     tele = weightwatch.setup(
         "weightwatch-demo-orchestrator", role="orchestrator", metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
         span_file=layout.spans("orchestrator"), log_file=layout.log("orchestrator"),

@@ -23,7 +23,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from weightwatch import events, telemetry
@@ -52,8 +52,6 @@ class EngineCalls:
     collective_rpc: Callable[[str, dict[str, Any]], Awaitable[Any]]
     #: A cheap utility round trip through the engine (for the lane research endpoint).
     ping: Callable[[str | None], Awaitable[Any]] | None = None
-    pause: Callable[[str], Awaitable[Any]] | None = None
-    resume: Callable[[], Awaitable[Any]] | None = None
 
 
 def validate_weight_dir(raw: Any, root: Path | None) -> Path:
@@ -124,11 +122,14 @@ class AdminService:
         self.model_path = model_path
         # A threading lock, not an asyncio one: the main listener and the admin lane run different loops.
         self._busy = threading.Lock()
-        self._tracer = telemetry.get().tracer("weightwatch.inference")
         #: The weights the engine last loaded completely; restored after a failed load.
         self.last_good: str | None = model_path
         self._expected: dict[str, TensorInfo] | None = None
         self._expected_from: str | None = None
+
+    @property
+    def _tracer(self) -> trace.Tracer:
+        return telemetry.get().tracer("weightwatch.inference")
 
     def expected_tensors(self) -> dict[str, TensorInfo] | None:
         """Tensor names and shapes of the served model's own checkpoint (None when it is not a local directory)."""
@@ -210,7 +211,8 @@ class AdminService:
                 # No traceparent: the middleware could not name the trace; this span starts it.
                 events.emit("weights.server.recv", tid, path=scope.get("path", ""), t=recv_wall, lane=scope.get(SCOPE_LANE, "admin"))
             span.set_attribute("rl.handler_delay_ms", _ms(time.perf_counter() - recv_perf))
-            status, payload, headers = 200, {}, {}
+            status, headers = 200, {}
+            payload: dict[str, Any] = {}
             try:
                 check_token(request, self.config.admin_token)
                 body = await _read_json_object(request, required=(op == "update_weights"))
@@ -220,46 +222,36 @@ class AdminService:
                 if not self._busy.acquire(blocking=False):
                     raise AdminError(409, "another weight update is running on this server; retry when it finishes")
                 try:
-                    pause_ms = None
-                    if self.config.pause_mode and engine.pause is not None:
-                        t_pause = time.perf_counter()
-                        await engine.pause(self.config.pause_mode)
-                        pause_ms = _ms(time.perf_counter() - t_pause)
                     try:
-                        try:
-                            rpc_s = await self._engine_call(engine, op, target, tid)
-                        except Exception as exc:
-                            raise _EngineFailure(exc, await self._recover(engine, target)) from exc
-                        self.last_good = target
-                    finally:
-                        if pause_ms is not None and engine.resume is not None:
-                            await engine.resume()
+                        rpc_s = await self._engine_call(engine, op, target, tid)
+                    except Exception as exc:
+                        raise _EngineFailure(exc, await self._recover(engine, target)) from exc
+                    self.last_good = target
                 finally:
                     self._busy.release()
                 payload = {"status": "ok", "op": op, "weights_path": target, "rpc_ms": _ms(rpc_s)}
-                if pause_ms is not None:
-                    payload["pause_ms"] = pause_ms
             except AdminError as exc:
                 status, headers = exc.status, exc.headers
                 payload = {"status": "error", "op": op, "error": exc.reason}
             except _EngineFailure as failure:
-                exc = failure.cause
-                dead = type(exc).__name__ == "EngineDeadError" or failure.restored is None
+                cause = failure.cause
+                dead = type(cause).__name__ == "EngineDeadError" or failure.restored is None
                 status = 503 if dead else 500
                 payload = {
                     "status": "error",
                     "op": op,
-                    "error": f"engine reload_weights failed: {type(exc).__name__}: {exc}",
+                    "error": f"engine reload_weights failed: {type(cause).__name__}: {cause}",
                     "restored_weights": failure.restored,
                 }
-                span.record_exception(exc)
-            except Exception as exc:  # noqa: BLE001 - a bug here must answer, not kill the connection
+                span.record_exception(cause)
+            except Exception as bug:  # noqa: BLE001 - a bug here must answer, not kill the connection
                 status = 500
-                payload = {"status": "error", "op": op, "error": f"{type(exc).__name__}: {exc}"}
-                span.record_exception(exc)
+                payload = {"status": "error", "op": op, "error": f"{type(bug).__name__}: {bug}"}
+                span.record_exception(bug)
             server_s = time.perf_counter() - recv_perf
-            payload["server_ms"] = _ms(server_s)
-            span.set_attribute("rl.server_ms", payload["server_ms"])
+            server_ms = _ms(server_s)
+            payload["server_ms"] = server_ms
+            span.set_attribute("rl.server_ms", server_ms)
             span.set_attribute("http.response.status_code", status)
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR, str(payload.get("error", ""))[:200]))
@@ -276,18 +268,18 @@ class AdminService:
         vLLM's in-place reload leaves layers on the meta device when it fails half-way; loading a good
         checkpoint again materializes them. Returns the restored path, or None if that failed too.
         """
-        target = self.last_good or self.model_path
-        if not target:
-            return None
-        with self._tracer.start_as_current_span("engine.rpc.restore", kind=SpanKind.INTERNAL) as span:
-            span.set_attribute("rl.weights_path", target)
-            span.set_attribute("rl.failed_weights_path", failed)
-            try:
-                await engine.collective_rpc("reload_weights", {"weights_path": target})
-                return target
-            except Exception as exc:  # noqa: BLE001
-                span.record_exception(exc)
-                return None
+        # The last good checkpoint may have been rotated away by the trainer; the model's own weights remain.
+        for target in dict.fromkeys(p for p in (self.last_good, self.model_path) if p):
+            with self._tracer.start_as_current_span("engine.rpc.restore", kind=SpanKind.INTERNAL) as span:
+                span.set_attribute("rl.weights_path", target)
+                span.set_attribute("rl.failed_weights_path", failed)
+                try:
+                    await engine.collective_rpc("reload_weights", {"weights_path": target})
+                    self.last_good = target
+                    return target
+                except Exception as exc:  # noqa: BLE001
+                    span.record_exception(exc)
+        return None
 
     async def ping(self, request: Request) -> JSONResponse:
         """No engine work: how long the listener alone takes to answer (lane research)."""

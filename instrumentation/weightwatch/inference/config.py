@@ -21,7 +21,6 @@ ENV_ADMIN_HOST = "WEIGHTWATCH_ADMIN_HOST"
 ENV_INJECT_RPC_DELAY_MS = "WEIGHTWATCH_INJECT_RPC_DELAY_MS"
 ENV_LOG_FILE = "WEIGHTWATCH_LOG_FILE"
 ENV_SPAN_FILE = "WEIGHTWATCH_SPAN_FILE"
-ENV_PAUSE_MODE = "WEIGHTWATCH_PAUSE_DURING_UPDATE"
 ENV_LANE_DISPATCH = "WEIGHTWATCH_LANE_DISPATCH"
 
 #: The admin paths (prime-rl's request shapes); everything else is the inference lane.
@@ -45,8 +44,6 @@ class InferenceConfig:
     inject_rpc_delay_ms: float = 0.0
     log_file: Path | None = None
     span_file: Path | None = None
-    #: None: never pause; "keep" / "wait" / "abort": vLLM's pause_generation mode around each update.
-    pause_mode: str | None = None
     #: How the admin lane reaches the engine: "direct" (fewest main-loop turns) or "coroutine".
     lane_dispatch: str = "direct"
 
@@ -79,11 +76,6 @@ class InferenceConfig:
             raise ConfigError(f"{ENV_INJECT_RPC_DELAY_MS}={delay_raw!r} is not a number") from exc
         if delay < 0 or delay != delay:
             raise ConfigError(f"{ENV_INJECT_RPC_DELAY_MS}={delay_raw!r} must be >= 0")
-        pause = (env.get(ENV_PAUSE_MODE) or "").strip().lower() or None
-        if pause in ("0", "off", "no", "false", "none"):
-            pause = None
-        if pause is not None and pause not in ("keep", "wait", "abort"):
-            raise ConfigError(f"{ENV_PAUSE_MODE}={pause!r} must be one of keep, wait, abort (or unset)")
         dispatch = (env.get(ENV_LANE_DISPATCH) or "direct").strip().lower()
         if dispatch not in ("direct", "coroutine"):
             raise ConfigError(f"{ENV_LANE_DISPATCH}={dispatch!r} must be direct or coroutine")
@@ -98,6 +90,5 @@ class InferenceConfig:
             inject_rpc_delay_ms=delay,
             log_file=Path(env[ENV_LOG_FILE]) if env.get(ENV_LOG_FILE) else None,
             span_file=Path(env[ENV_SPAN_FILE]) if env.get(ENV_SPAN_FILE) else None,
-            pause_mode=pause,
             lane_dispatch=dispatch,
         )

@@ -83,7 +83,7 @@ class DirectUtility:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, engine_client: Any):
         self.loop = loop
-        self.core = getattr(engine_client, "engine_core", None)
+        self.core: Any = getattr(engine_client, "engine_core", None)
         self.available = self._supported(self.core)
 
     @staticmethod
@@ -159,14 +159,8 @@ def engine_calls_on(loop: asyncio.AbstractEventLoop, engine_client: Any, *, dire
             return await fast.call("is_scheduler_paused")
         return await on_loop(loop, engine_client.is_paused)()
 
-    async def pause(mode: str) -> Any:
-        return await on_loop(loop, lambda: engine_client.pause_generation(mode=mode, clear_cache=False))()
-
-    async def resume() -> Any:
-        return await on_loop(loop, engine_client.resume_generation)()
-
     _log.info("weightwatch: admin lane engine dispatch: %s", "direct utility calls" if use_direct else "run_coroutine_threadsafe")
-    return EngineCalls(collective_rpc=rpc, ping=ping, pause=pause, resume=resume)
+    return EngineCalls(collective_rpc=rpc, ping=ping)
 
 
 def build_lane_app(service: AdminService, engine: EngineCalls) -> FastAPI:

@@ -105,13 +105,10 @@ class WeightwatchPlugin:
         async def rpc(method: str, kwargs: dict[str, Any]) -> Any:
             return await engine_client.collective_rpc(method, kwargs=kwargs)
 
-        async def pause(mode: str) -> Any:
-            return await engine_client.pause_generation(mode=mode, clear_cache=False)
-
         async def ping(mode: str | None = None) -> Any:
             return await engine_client.is_paused()
 
-        self.engine_calls = EngineCalls(collective_rpc=rpc, ping=ping, pause=pause, resume=engine_client.resume_generation)
+        self.engine_calls = EngineCalls(collective_rpc=rpc, ping=ping)
         try:
             self._lag_task = telemetry.start_loop_lag_probe("rl_event_loop_lag_seconds")
         except Exception:  # noqa: BLE001

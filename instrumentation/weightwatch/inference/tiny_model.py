@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 #: Written last; its presence (with the same seed and layout version) means the directory is complete.
 MARKER = ".weightwatch-tiny-model.json"
@@ -90,13 +91,13 @@ def _save_model(out_dir: Path, vocab_size: int, seed: int) -> None:
         eos_token_id=1,
         pad_token_id=1,
         tie_word_embeddings=False,
-        torch_dtype="float32",
     )
     torch.manual_seed(seed)
     # A larger init than the default 0.02 so random logits are not near-uniform: greedy output then
     # depends visibly on the weights, which is what update tests check.
     config.initializer_range = 0.2
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model: Any = LlamaForCausalLM(config)
+    model = model.to(torch.float32).eval()
     model.save_pretrained(str(out_dir), safe_serialization=True)
     model.generation_config.save_pretrained(str(out_dir))
 

@@ -69,13 +69,17 @@ def _explain(status: int, path: str, body: Any, text: str) -> str:
     detail = body.get("detail", body.get("error", body)) if isinstance(body, dict) else text[:300]
     msg = f"HTTP {status} from POST {path}: {detail}"
     if status == 404:
-        msg += (f" - the server has no {path} route: it is not running weightwatch's admin endpoints "
-                "(start it with `weightwatch serve` or VLLM_PLUGINS=weightwatch); plain vLLM has none")
+        msg += (
+            f" - the server has no {path} route: it is not running weightwatch's admin endpoints "
+            "(start it with `weightwatch serve` or VLLM_PLUGINS=weightwatch); plain vLLM has none"
+        )
     elif status == 401:
         msg += " - admin token missing or wrong (AdminClient(token=...) or WEIGHTWATCH_ADMIN_TOKEN)"
     elif status == 422 and "update_info" in text:
-        msg += (" - this is vLLM's own dev-mode /update_weights (NCCL weight transfer, wants update_info), "
-                "not weightwatch's; load the weightwatch plugin, whose route takes {\"weight_dir\": ...}")
+        msg += (
+            " - this is vLLM's own dev-mode /update_weights (NCCL weight transfer, wants update_info), "
+            'not weightwatch\'s; load the weightwatch plugin, whose route takes {"weight_dir": ...}'
+        )
     return msg
 
 
@@ -196,8 +200,9 @@ class AdminClient:
 
     # ------------------------------------------------------------------ public calls
 
-    async def update_weights(self, weight_dir: str | os.PathLike[str], step: int | None = None, *,
-                             timeouts: AdminTimeouts | None = None) -> UpdateResult:
+    async def update_weights(
+        self, weight_dir: str | os.PathLike[str], step: int | None = None, *, timeouts: AdminTimeouts | None = None
+    ) -> UpdateResult:
         """Tell every server to load the weights in ``weight_dir`` (a directory with safetensors).
 
         Never raises for a server's failure: each is in the result (``result.raise_for_failures()``).
@@ -232,7 +237,9 @@ class AdminClient:
         if step is not None:
             attrs["rl.step"] = int(step)
         t0 = time.perf_counter()
-        with tele.tracer("weightwatch.orchestrator").start_as_current_span("weights.update", kind=SpanKind.CLIENT, attributes=attrs) as span:
+        with tele.tracer("weightwatch.orchestrator").start_as_current_span(
+            "weights.update", kind=SpanKind.CLIENT, attributes=attrs
+        ) as span:
             trace_id = telemetry.current_trace_id()
             results = list(await asyncio.gather(*(self._call_server(op, s, body, timeouts) for s in self.servers)))
             wall_ms = (time.perf_counter() - t0) * 1000.0
@@ -250,7 +257,8 @@ class AdminClient:
         label = _label(server)
         url = server + PATHS[op]
         with tele.tracer("weightwatch.orchestrator").start_as_current_span(
-            "weights.update.server", kind=SpanKind.CLIENT,
+            "weights.update.server",
+            kind=SpanKind.CLIENT,
             attributes={"rl.op": op, "rl.server": label, "url.full": url, "rl.pool": "shared" if self._shared else "dedicated"},
         ) as span:
             tid = telemetry.current_tid()
@@ -269,11 +277,16 @@ class AdminClient:
                         await asyncio.sleep(self._backoff(attempts))
             except TimeoutError:
                 now = time.perf_counter()
+                previous = last  # a failed earlier attempt (or the one just before the backoff that ran out)
                 last = _Attempt(probe)  # the attempt cut short: its probe knows whether it ever got a connection
                 last.reason = "timeout"
                 last.error = f"no answer from {url} within total={timeouts.total:g}s ({attempts} attempt(s))"
-                if probe.acquired is None:
+                if previous is not None and previous.probe is probe:  # ran out while backing off
+                    last.error += f"; last failure: {previous.reason}: {previous.error}"
+                elif probe.acquired is None:
                     last.error += f"; still waiting for a pool connection after {probe.pool_wait_ms(now):.0f} ms"
+                if previous is not None and previous.probe is not probe:
+                    last.error += f"; an earlier attempt failed with {previous.reason}: {previous.error}"
             except Exception as exc:  # noqa: BLE001 - a bug here must not take the orchestrator down
                 _log.exception("weightwatch: admin call to %s failed unexpectedly", url)
                 last = _Attempt(PoolWaitProbe())
@@ -282,8 +295,9 @@ class AdminClient:
             assert last is not None
             return self._finish(op, server, label, url, tid, span, last, wall_ms, attempts)
 
-    async def _attempt(self, op: str, url: str, body: dict[str, Any] | None, timeouts: AdminTimeouts, tid: str, attempt: int,
-                       probe: PoolWaitProbe) -> _Attempt:
+    async def _attempt(
+        self, op: str, url: str, body: dict[str, Any] | None, timeouts: AdminTimeouts, tid: str, attempt: int, probe: PoolWaitProbe
+    ) -> _Attempt:
         client = self._http()
         headers = {"accept": "application/json"}
         if self.token:
@@ -292,8 +306,9 @@ class AdminClient:
             propagate.inject(headers)  # W3C traceparent from the weights.update.server span
         probe.start = time.perf_counter()
         result = _Attempt(probe)
-        events.emit("weights.client.send", tid, url=url, op=op, t=time.time(), attempt=attempt,
-                    pool="shared" if self._shared else "dedicated")
+        events.emit(
+            "weights.client.send", tid, url=url, op=op, t=time.time(), attempt=attempt, pool="shared" if self._shared else "dedicated"
+        )
         try:
             resp = await client.post(url, json=body, headers=headers, timeout=self._httpx_timeout(timeouts), extensions={"trace": probe})
         except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
@@ -323,8 +338,9 @@ class AdminClient:
             result.reason = "http_4xx"
         return result
 
-    def _finish(self, op: str, server: str, label: str, url: str, tid: str, span: trace.Span, a: _Attempt,
-                wall_ms: float, attempts: int) -> ServerResult:
+    def _finish(
+        self, op: str, server: str, label: str, url: str, tid: str, span: trace.Span, a: _Attempt, wall_ms: float, attempts: int
+    ) -> ServerResult:
         """Turn the last attempt into a ServerResult, metrics, span attributes and the client.done event."""
         metrics = telemetry.get().metrics
         ok = a.ok
@@ -335,9 +351,22 @@ class AdminClient:
                 queue_ms = max(0.0, wall_ms - server_ms)
         pool_wait_ms = a.probe.pool_wait_ms(time.perf_counter() if a.reason == "timeout" else None)
         trace_id = telemetry.current_trace_id()
-        result = ServerResult(server=server, op=op, ok=ok, wall_ms=wall_ms, queue_ms=queue_ms, server_ms=server_ms, rpc_ms=rpc_ms,
-                              pool_wait_ms=pool_wait_ms, status=a.status, reason=a.reason, error=a.error, attempts=attempts,
-                              trace_id=trace_id, body=a.body)
+        result = ServerResult(
+            server=server,
+            op=op,
+            ok=ok,
+            wall_ms=wall_ms,
+            queue_ms=queue_ms,
+            server_ms=server_ms,
+            rpc_ms=rpc_ms,
+            pool_wait_ms=pool_wait_ms,
+            status=a.status,
+            reason=a.reason,
+            error=a.error,
+            attempts=attempts,
+            trace_id=trace_id,
+            body=a.body,
+        )
         labels = {"op": op, "server": label}
         if pool_wait_ms is not None:
             metrics.observe("rl_weight_update_pool_wait_seconds", pool_wait_ms / 1000.0, **labels)
@@ -354,8 +383,13 @@ class AdminClient:
             metrics.inc("rl_weight_update_failures_total", 1.0, op=op, server=label, reason=a.reason or "transport")
             _log.warning("weightwatch: %s on %s failed (%s): %s", op, label, a.reason, a.error)
 
-        for key, value in (("rl.wall_ms", wall_ms), ("rl.queue_ms", queue_ms), ("rl.server_ms", server_ms),
-                           ("rl.rpc_ms", rpc_ms), ("rl.pool_wait_ms", pool_wait_ms)):
+        for key, value in (
+            ("rl.wall_ms", wall_ms),
+            ("rl.queue_ms", queue_ms),
+            ("rl.server_ms", server_ms),
+            ("rl.rpc_ms", rpc_ms),
+            ("rl.pool_wait_ms", pool_wait_ms),
+        ):
             if value is not None:
                 span.set_attribute(key, round(value, 3))
         span.set_attribute("rl.attempts", attempts)
@@ -366,8 +400,15 @@ class AdminClient:
             span.set_attribute("rl.failure_reason", a.reason or "transport")
             span.set_status(Status(StatusCode.ERROR, a.error or a.reason or "failed"))
 
-        extra: dict[str, Any] = {"server_ms": server_ms, "pool_wait_ms": pool_wait_ms, "status": a.status,
-                                 "ok": ok, "attempts": attempts, "op": op, "url": url}
+        extra: dict[str, Any] = {
+            "server_ms": server_ms,
+            "pool_wait_ms": pool_wait_ms,
+            "status": a.status,
+            "ok": ok,
+            "attempts": attempts,
+            "op": op,
+            "url": url,
+        }
         if not ok:
             extra["reason"] = a.reason or "transport"
         events.emit("weights.client.done", tid, wall_ms=wall_ms, rpc_ms=rpc_ms, queue_ms=queue_ms, **extra)

@@ -108,5 +108,11 @@ class UpdateResult:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {"op": self.op, "step": self.step, "wall_ms": self.wall_ms, "trace_id": self.trace_id, "ok": self.ok,
-                "servers": [r.to_dict() for r in self.servers]}
+        return {
+            "op": self.op,
+            "step": self.step,
+            "wall_ms": self.wall_ms,
+            "trace_id": self.trace_id,
+            "ok": self.ok,
+            "servers": [r.to_dict() for r in self.servers],
+        }

@@ -83,13 +83,15 @@ def _subdirs(path: Path) -> list[Path]:
     return out
 
 
-def find_trainer_root(root: Path, *, now: float | None = None) -> tuple[Path, int] | None:
+def find_trainer_root(root: Path, *, target_step: int | None = None, now: float | None = None) -> tuple[Path, int] | None:
     """A directory near ``root`` where a trainer is writing step dirs while ``root`` gets none, with its newest step.
 
     Looks at ``root``'s children, its siblings and their children (run/weights vs run/checkpoints), and
     its cousins (run1/weights vs run2/weights).
     A candidate counts only when its newest step dir is recent (``RECENT_WRITE_S``) and newer than
-    anything under ``root``, so finished runs lying next to the current one do not raise false alarms.
+    anything under ``root``, so finished runs lying next to the current one do not raise false alarms;
+    when ``root`` does get step dirs, the candidate must also have reached ``target_step`` (a parallel
+    run next door that is merely busy is not evidence).
     """
     root = root.absolute()
     now = time.time() if now is None else now
@@ -110,6 +112,8 @@ def find_trainer_root(root: Path, *, now: float | None = None) -> tuple[Path, in
     for c in candidates:
         found = _newest_step(c)
         if found is None or found[1] <= floor:
+            continue
+        if own is not None and target_step is not None and found[0] < target_step:
             continue
         if best is None or found[1] > best[2]:
             best = (c, found[0], found[1])
@@ -152,7 +156,7 @@ class _Waiter:
         return False
 
     def _check_wrong_path(self) -> None:
-        found = find_trainer_root(self.root)
+        found = find_trainer_root(self.root, target_step=self.step)
         if found is None:
             return
         self.candidate = found
@@ -162,10 +166,19 @@ class _Waiter:
                 return
             _warned.add(key)
         own = _newest_step(self.root)
-        polled = f"{self.root.absolute()} (" + ("does not exist" if not self.root.exists() else
-                                                 "has no step_* directories" if own is None else f"newest step_{own[0]}") + ")"
-        _log.warning("weightwatch: waiting for %s but the trainer seems to write elsewhere: polling %s, while %s has step_%d. "
-                     "Check the checkpoint path the orchestrator and the trainer are given.", self.marker, polled, found[0], found[1])
+        polled = (
+            f"{self.root.absolute()} ("
+            + ("does not exist" if not self.root.exists() else "has no step_* directories" if own is None else f"newest step_{own[0]}")
+            + ")"
+        )
+        _log.warning(
+            "weightwatch: waiting for %s but the trainer seems to write elsewhere: polling %s, while %s has step_%d. "
+            "Check the checkpoint path the orchestrator and the trainer are given.",
+            self.marker,
+            polled,
+            found[0],
+            found[1],
+        )
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -186,13 +199,15 @@ class _Waiter:
         self._check_wrong_path()
         if self.candidate is not None:
             msg += f"; step directories found at {self.candidate[0]} (newest step_{self.candidate[1]}): wrong path?"
-        return CheckpointWaitTimeout(msg, step_dir=self.target, waited_s=waited,
-                                     candidate=self.candidate[0] if self.candidate else None)
+        return CheckpointWaitTimeout(msg, step_dir=self.target, waited_s=waited, candidate=self.candidate[0] if self.candidate else None)
 
 
 def _span(waiter: _Waiter):  # type: ignore[no-untyped-def]
-    return telemetry.get().tracer("weightwatch.orchestrator").start_as_current_span(
-        "ckpt.wait", attributes={"rl.step": waiter.step, "rl.ckpt_dir": str(waiter.target)})
+    return (
+        telemetry.get()
+        .tracer("weightwatch.orchestrator")
+        .start_as_current_span("ckpt.wait", attributes={"rl.step": waiter.step, "rl.ckpt_dir": str(waiter.target)})
+    )
 
 
 def _started(waiter: _Waiter) -> None:

@@ -184,12 +184,12 @@ def record_rollout(step: int, ckpt_step: int, truncated: int, total: int, async_
     extra: dict[str, Any] = {"truncated": trunc_i, "total": total_i}
     if level is not None:
         extra["async_level"] = level
-    events.emit("rollout", trunc_pct=None if ratio is None else ratio * 100.0, current_step=step_i, ckpt_step=ckpt_i,
-                staleness=staleness, **extra)
+    events.emit(
+        "rollout", trunc_pct=None if ratio is None else ratio * 100.0, current_step=step_i, ckpt_step=ckpt_i, staleness=staleness, **extra
+    )
     stats = RolloutStats(step_i, ckpt_i, ratio, staleness, level)
     if stats.too_stale:
         _log.warning("weightwatch: step %d uses weights of step %d: staleness %d > async_level %d", step_i, ckpt_i, staleness, level)
     elif staleness < 0:
         _log.warning("weightwatch: step %d reports ckpt_step %d from the future (staleness %d)", step_i, ckpt_i, staleness)
     return stats
-

@@ -114,7 +114,7 @@ def _to_tensors(state_dict: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
             t = t.detach()
             if t.device.type != "cpu":
                 t = t.to("cpu")
-            key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
+            key = (t.untyped_storage().data_ptr(), int(t.storage_offset())) if t.numel() else (id(t), 0)
             t = t.clone() if key in seen else t.contiguous()
             seen.add(key)
             out[name] = t
