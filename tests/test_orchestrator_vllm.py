@@ -76,6 +76,15 @@ def test_update_through_the_admin_lane_one_trace_across_client_and_server(orch, 
     for h in ("wall", "queue", "rpc", "pool_wait"):
         assert orch.registry.get_sample_value(f"rl_weight_update_{h}_seconds_count", labels) == 1
 
+    # the same through a client on its own loop thread: the trace still crosses into the server
+    async def own_loop() -> UpdateResult:
+        async with AdminClient([vllm_server.admin_url], timeouts=TIMEOUTS, token=vllm_server.admin_token, own_loop=True) as admin:
+            return await admin.reload_weights()
+
+    again = asyncio.run(own_loop())
+    assert again.ok, again.servers[0].error
+    assert [e.name for e in read_events(vllm_server.log_path, again.trace_id)] == ["server.recv", "rpc.start", "rpc.done"]
+
 
 def test_reload_and_shared_pool_mode_on_the_main_port(orch, vllm_server) -> None:
     async def go() -> tuple[UpdateResult, UpdateResult]:
