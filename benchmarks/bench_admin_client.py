@@ -9,7 +9,8 @@ completions (max_tokens 256, ignore_eos, read raw without parsing), and probes w
 time (``AdminClient.update_weights`` of a real checkpoint) in one of two modes, same load:
 
 * shared: admin calls through the generation client (``AdminClient(..., client=gen)``) to the main port;
-* lane: admin calls through the dedicated AdminClient to the server-side admin lane.
+* lane: admin calls through the dedicated AdminClient to the server-side admin lane, on the
+  orchestrator's own loop (``own_loop=False``) and on the client's private loop thread (the default).
 
 A third, harder row for the lane: the ``--streams`` load from the lean raw-socket generator
 (benchmarks/bench_inference_load.py, every stream on its own connection, so the server runs all of them)
@@ -251,8 +252,8 @@ def report(rows: dict[str, dict], a: argparse.Namespace, raw_tps: float | None) 
     names = {
         "idle": "no load: dedicated AdminClient + lane (floor)",
         "shared": f"shared generation pool ({a.pool} conn) to the main port",
-        "lane": "dedicated AdminClient + admin lane",
-        "lane_thread": "dedicated AdminClient(own_loop=True) + admin lane",
+        "lane": "dedicated AdminClient(own_loop=False) + admin lane",
+        "lane_thread": "dedicated AdminClient (default: own loop thread) + admin lane",
         "lane_raw": f"dedicated AdminClient + lane, {a.streams} raw streams on the server",
     }
 

@@ -106,6 +106,8 @@ def bench_demo() -> dict:
                               capture_output=True, text=True, timeout=600)
         total = time.perf_counter() - t0
         verdict = next((ln.split(":", 1)[1].strip() for ln in proc.stdout.splitlines() if ln.startswith("verdict:")), None)
+        if proc.returncode != 0:
+            print("demo output (end):\n" + "\n".join((proc.stdout + proc.stderr).splitlines()[-30:]), file=sys.stderr)
     return {"demo_total_s": round(total, 1), "exit": proc.returncode, "verdict": verdict}
 
 

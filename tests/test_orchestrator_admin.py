@@ -522,9 +522,17 @@ def test_own_loop_runs_while_the_callers_loop_is_blocked_and_keeps_the_parent_sp
     assert parent["parent_span_id"] == step_span_id
 
 
-def test_own_loop_refuses_a_shared_client() -> None:
+def test_own_loop_is_the_default_for_the_dedicated_client_only() -> None:
+    gen = httpx.AsyncClient()
     with pytest.raises(ValueError, match="own_loop"):
-        AdminClient(["http://127.0.0.1:1"], client=httpx.AsyncClient(), own_loop=True)
+        AdminClient(["http://127.0.0.1:1"], client=gen, own_loop=True)
+    shared = AdminClient(["http://127.0.0.1:1"], client=gen)
+    dedicated = AdminClient(["http://127.0.0.1:1"])
+    assert shared.shared_pool and not shared.own_loop
+    assert dedicated.own_loop and not dedicated.shared_pool
+    assert not AdminClient(["http://127.0.0.1:1"], own_loop=False).own_loop
+    run(dedicated.aclose())
+    assert not dedicated.own_loop
 
 
 def test_total_timeout_while_backing_off_names_the_last_failure(tele, servers) -> None:

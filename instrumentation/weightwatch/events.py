@@ -440,7 +440,11 @@ def scan_columns(data: bytes) -> Columns:
     for g, fcol, tcol in firsts:
         key = FAST_EVENTS[g]
         spec = EVENTS_BY_KEY[key]
-        mask: Sequence[Any] = cols[fcol] if not special else [bool(v) and i not in special for i, v in enumerate(cols[fcol])]
+        mask: Sequence[Any] = cols[fcol]
+        if special:
+            mask = list(map(bool, mask))
+            for i in special:
+                mask[i] = False
         seqs = list(compress(range(n), mask))
         if not seqs:
             continue

@@ -289,8 +289,9 @@ def prejoin(p: Partial) -> None:
         both -= {t for t in both if ds[didx[t]] is not None and ds[didx[t]] != ss[sidx[t]]}
     if not both:
         return
-    di = [i for i, t in enumerate(dtids) if t in both] if len(both) != len(dtids) else list(range(len(dtids)))
-    tids = [dtids[i] for i in di]
+    everything = len(both) == len(stids) == len(dtids)
+    di = list(range(len(dtids))) if everything else [i for i, t in enumerate(dtids) if t in both]
+    tids = dtids if everything else [dtids[i] for i in di]
     si = list(map(sidx.__getitem__, tids))
     j = p.joined
     j["tid"] += tids
@@ -300,7 +301,10 @@ def prejoin(p: Partial) -> None:
     for col in ("seq", "server", "op", "step", "t"):
         j[col] += list(map(s[col].__getitem__, si))
     for col in ("wall_ms", "rpc_ms", "queue_ms", "server_ms", "pool_wait_ms"):
-        j[col] += list(map(d[col].__getitem__, di))
+        j[col] += d[col] if everything else list(map(d[col].__getitem__, di))
+    if everything:
+        p.send, p.done = _cols(SEND_COLS), _cols(DONE_COLS)
+        return
     keep_s = [i for i, t in enumerate(stids) if t not in both]
     keep_d = [i for i, t in enumerate(dtids) if t not in both]
     for cols, keep in ((s, keep_s), (d, keep_d)):

@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--admin-url", default=None, help="with --server-url: that server's admin lane (default: port + 1)")
     g = parser.add_argument_group("output")
     g.add_argument("--no-live", action="store_true", help="one line per step instead of the redrawn view (automatic when not a TTY)")
-    g.add_argument("--startup-timeout", type=_non_negative, default=240.0, help="seconds to wait for vLLM to come up")
+    g.add_argument("--startup-timeout", type=_non_negative, default=600.0, help="seconds to wait for vLLM to come up")
     g.add_argument("--stop-timeout", type=_non_negative, default=20.0, help="seconds each process gets to stop before it is killed")
 
 
@@ -264,6 +264,17 @@ def _ensure_model(model: Path | None) -> Path:
 
 def _verdict(run_dir: Path, async_level: int | None = None) -> str | None:
     """Print the analyzer's verdict for the run and save its JSON report next to the logs."""
+    from weightwatch.events import Event, parse_line
+
+    log = run_dir / "orchestrator.log"
+    try:
+        updates = sum(1 for line in log.open(encoding="utf-8", errors="replace")
+                      if isinstance(ev := parse_line(line), Event) and ev.key == "weights.client.done")
+    except OSError:
+        updates = 0
+    if not updates:
+        print(f"weightwatch demo: no weight update was made; nothing to diagnose (files in {run_dir})")
+        return None
     try:
         from weightwatch.analysis import analyze_paths
     except ImportError as exc:

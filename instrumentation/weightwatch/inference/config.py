@@ -22,6 +22,7 @@ ENV_INJECT_RPC_DELAY_MS = "WEIGHTWATCH_INJECT_RPC_DELAY_MS"
 ENV_LOG_FILE = "WEIGHTWATCH_LOG_FILE"
 ENV_SPAN_FILE = "WEIGHTWATCH_SPAN_FILE"
 ENV_LANE_DISPATCH = "WEIGHTWATCH_LANE_DISPATCH"
+ENV_TRACE_EXCLUDE = "WEIGHTWATCH_TRACE_EXCLUDE"
 
 #: The admin paths (prime-rl's request shapes); everything else is the inference lane.
 UPDATE_PATH = "/update_weights"
@@ -46,6 +47,8 @@ class InferenceConfig:
     span_file: Path | None = None
     #: How the admin lane reaches the engine: "direct" (fewest main-loop turns) or "coroutine".
     lane_dispatch: str = "direct"
+    #: Extra comma-separated URL regexes the OTel FastAPI instrumentation leaves alone (e.g. /v1/completions).
+    trace_exclude: str = ""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> InferenceConfig:
@@ -91,4 +94,5 @@ class InferenceConfig:
             log_file=Path(env[ENV_LOG_FILE]) if env.get(ENV_LOG_FILE) else None,
             span_file=Path(env[ENV_SPAN_FILE]) if env.get(ENV_SPAN_FILE) else None,
             lane_dispatch=dispatch,
+            trace_exclude=(env.get(ENV_TRACE_EXCLUDE) or "").strip(),
         )

@@ -81,7 +81,7 @@ class WeightwatchPlugin:
             FastAPIInstrumentor.instrument_app(
                 app,
                 tracer_provider=weightwatch.get().tracer_provider,
-                excluded_urls=OTEL_EXCLUDED,
+                excluded_urls=",".join(p for p in (OTEL_EXCLUDED, self.config.trace_exclude if self.config else "") if p),
                 # Per-chunk send/receive spans would cost thousands of spans a second on streamed completions.
                 exclude_spans=["receive", "send"],
             )

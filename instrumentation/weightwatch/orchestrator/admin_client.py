@@ -111,7 +111,8 @@ class AdminClient:
     ``token``: Bearer token for the admin endpoints (default: WEIGHTWATCH_ADMIN_TOKEN[_FILE]).
     ``client``: pass the generation client to send admin calls through its pool (shared-pool mode).
     ``own_loop``: run the calls on a private event loop on its own thread, so a generation loop busy
-    with streamed tokens cannot delay them (not with ``client=``, whose connections belong to the caller's loop).
+    with streamed tokens cannot delay them. Default: on for the dedicated client, off (and refused)
+    with ``client=``, whose connections belong to the caller's loop. ``aclose()`` stops the thread.
     """
 
     def __init__(
@@ -125,7 +126,7 @@ class AdminClient:
         backoff_base: float = DEFAULT_BACKOFF_BASE,
         backoff_max: float = DEFAULT_BACKOFF_MAX,
         max_connections: int | None = None,
-        own_loop: bool = False,
+        own_loop: bool | None = None,
     ):
         if isinstance(servers, str):
             servers = [servers]
@@ -145,6 +146,8 @@ class AdminClient:
         self.token = token if token is not None else _token_from_env()
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
         self._max_connections = max_connections or max(4, 2 * len(self.servers))
+        if own_loop is None:
+            own_loop = client is None
         if own_loop and client is not None:
             raise ValueError("own_loop=True needs the dedicated client: a shared client is bound to the caller's event loop")
         self._shared = client is not None
@@ -153,6 +156,11 @@ class AdminClient:
         self._instrumented = False
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def own_loop(self) -> bool:
+        """True when calls run on the client's private loop thread."""
+        return self._admin_loop is not None
 
     @property
     def shared_pool(self) -> bool:
