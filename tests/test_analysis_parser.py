@@ -8,7 +8,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightwatch.catalogue import EVENTS, EVENTS_BY_KEY
-from weightwatch.events import FAST_EVENTS, Event, Rejected, format_event, parse_bytes, parse_line, raw_to_event, scan_bytes, scan_columns
+from weightwatch.events import (
+    FAST_EVENTS,
+    Event,
+    Rejected,
+    format_event,
+    parse_bytes,
+    parse_line,
+    raw_to_event,
+    scan_arrays,
+    scan_bytes,
+    scan_columns,
+)
 
 _token = st.text(alphabet=string.ascii_letters + string.digits + "/:._-", min_size=1, max_size=20)
 _float = st.one_of(st.floats(min_value=-1e9, max_value=1e9, allow_nan=False, allow_infinity=False), st.none())
@@ -107,3 +118,33 @@ def test_unknown_values_survive_the_column_path() -> None:
     assert cols.fast["weights.client.done"][2] == [[10.0], [None], [None]]
     extra = scan_columns(b"[weights][t] client.done wall_ms=1 rpc_ms=2 queue_ms=3 url=http://h:1/u server_ms=2.5\n")
     assert extra.other == [] and extra.fast["weights.client.done"][3] == [{"url": "http://h:1/u", "server_ms": "2.5"}]
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=lines_strategy)
+def test_scan_arrays_agrees_with_parse_line(lines: list[str]) -> None:
+    block = "\n".join(lines)
+    cols = scan_arrays(block.encode())
+    if cols is None:  # the careful path's blocks (non-ASCII, ANSI, NUL): scan_columns handles them
+        assert any(c in block for c in "\x1b\x00\x1c\x1d\x1e\x1f") or not block.isascii()
+        return
+    got = [item if isinstance(item, Rejected) else raw_to_event(item) for _seq, item in sorted(cols.items(), key=lambda x: x[0])]
+    assert got == _expected(block)
+    assert cols.count == len(got)
+    assert sorted(seq for seq, _ in cols.items()) == list(range(cols.count))
+
+
+def test_scan_arrays_takes_canonical_lines_as_arrays() -> None:
+    lines = [format_event(k, "ab12" if EVENTS_BY_KEY[k].has_tid else None, **{f: 1 if kind == "int" else (1.5 if kind == "float" else "x")
+                                                                               for f, kind in EVENTS_BY_KEY[k].fields}) for k in FAST_EVENTS]
+    lines.append("[weights][cd34] client.done wall_ms=10 rpc_ms=na queue_ms=na")
+    lines.append("[weights][ef56] client.done wall_ms=1 rpc_ms=2 queue_ms=3 server_ms=2.5")  # extras: the token loop
+    lines.append("[gen] batch.done completions=99999999999999999999999 dur_ms=1 inflight=2")  # beyond int64: the token loop
+    cols = scan_arrays(("PREFIX - " + "\nPREFIX - ".join(lines)).encode())
+    assert cols is not None
+    assert {k: len(v[0]) for k, v in cols.fast.items()} == {"weights.client.done": 2, "weights.client.send": 1, "gen.batch.done": 1}
+    assert [seq for seq, _ in cols.other] == [4, 5]
+    assert cols.other[0][1][3] == {"server_ms": "2.5"} and cols.other[1][1][2][0] == 99999999999999999999999
+    done = cols.fast["weights.client.done"]
+    assert done[1].tolist() == [b"ab12", b"cd34"] and done[2][1][1] != done[2][1][1]  # na is NaN
+    assert scan_arrays("x \u00e9 [gen] batch.done completions=1 dur_ms=1 inflight=1".encode()) is None

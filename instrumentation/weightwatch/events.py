@@ -502,3 +502,124 @@ def parse_bytes(data: bytes) -> Iterator[Event | Rejected]:
     """``scan_bytes`` yielding Events: the bulk equivalent of ``parse_lines(data.split(b"\\n"))``."""
     for item in scan_bytes(data):
         yield item if isinstance(item, Rejected) else raw_to_event(item)
+
+
+# --------------------------------------------------------------------------- columnar parsing with numpy
+#
+# ``scan_arrays`` is ``scan_columns`` for the analyzer's hot path: the same single regex pass, but the
+# FAST_EVENTS lines written exactly as ``format_event`` writes them without extra fields become numpy
+# columns (float64 with NaN for ``na``, int64, and bytes arrays for trace ids and strings) with no
+# Python object per value. Lines with extra fields, odd values or anything else go through ``_one``
+# (the token loop), so the result still agrees with ``parse_line`` line by line.
+
+
+@dataclass(slots=True)
+class ArrayColumns:
+    """A block parsed column-wise into numpy arrays; ``other`` as in Columns.
+
+    ``fast[key] = (seqs int64, tids bytes array or None, one array per field in the spec's order)``:
+    float fields are float64 (NaN for ``na``), int fields int64, str fields bytes arrays.
+    """
+
+    count: int = 0
+    fast: dict[str, tuple[Any, Any, list[Any]]] = field(default_factory=dict)
+    other: list[tuple[int, RawEvent | Rejected]] = field(default_factory=list)
+
+    def items(self) -> Iterator[tuple[int, RawEvent | Rejected]]:
+        """(seq, item) for every item, array rows rebuilt as RawEvents (Python values); unordered."""
+        for key, (seqs, tids, cols) in self.fast.items():
+            kinds = [kind for _, kind in EVENTS_BY_KEY[key].fields]
+            lists = [_array_values(c, kind) for c, kind in zip(cols, kinds, strict=True)]
+            ts = [t.decode() for t in tids.tolist()] if tids is not None else [None] * len(seqs)
+            for seq, tid, *values in zip(seqs.tolist(), ts, *lists, strict=True):
+                yield seq, (key, tid, tuple(values), None)
+        yield from self.other
+
+
+def _array_values(a: Any, kind: str) -> list[Any]:
+    """An ArrayColumns column as the Python values parse_line gives (str, int, float or None)."""
+    if kind == "str":
+        return [v.decode() for v in a.tolist()]
+    values = a.tolist()
+    if kind == "float":
+        return [None if v != v else v for v in values]
+    return values
+
+
+def _convert_array(np: Any, raw: Any, kind: str) -> tuple[Any, Any]:
+    """(values, bad mask) of one bytes column; bad rows are left to the token loop."""
+    n = len(raw)
+    bad = np.zeros(n, dtype=bool)
+    if kind == "str":
+        return raw, bad
+    dtype = np.float64 if kind == "float" else np.int64
+    try:
+        values = raw.astype(dtype)  # numpy parses with Python's own float()/int() rules
+    except (ValueError, OverflowError):
+        conv = _bytes_float if kind == "float" else int
+        out = []
+        for i, v in enumerate(raw.tolist()):
+            try:
+                x = conv(v)
+                if x is None:
+                    x = math.nan
+                elif kind == "int" and not -(2**63) <= x < 2**63:
+                    raise ValueError("out of range")
+            except ValueError:
+                bad[i] = True
+                x = 0
+            out.append(x)
+        return np.array(out, dtype=dtype), bad
+    if kind == "float":
+        bad |= ~np.isfinite(values)  # inf and nan are rejected by the token loop (na gave a ValueError above)
+    return values, bad
+
+
+def scan_arrays(data: bytes) -> ArrayColumns | None:
+    """Parse a block into ArrayColumns; agrees with ``parse_line`` on each line (see ``items``).
+
+    None when the block needs the careful path (non-ASCII, ANSI colours, NUL bytes): use ``scan_columns``.
+    """
+    import numpy as np
+
+    if b"\x1b" in data or b"\x00" in data or not data.isascii() or any(c in data for c in _STR_ONLY_SPACE):
+        return None
+    out = ArrayColumns()
+    rows = _BLINE.findall(data)
+    n = out.count = len(rows)
+    if not n:
+        return out
+    cols = list(zip(*rows, strict=True))
+    special = set(compress(range(n), cols[10]))  # tags the fast alternatives did not take
+    for i in compress(range(n), cols[12]):
+        rest = rows[i][12]
+        if rest[0] not in _SPACE_BYTES or not rest.isspace():
+            special.add(i)  # extra fields or a glued value: the token loop's call
+    for g, fcol, tcol in ((0, 1, 0), (1, 4, 0), (2, 7, None)):
+        key = FAST_EVENTS[g]
+        first = np.array(cols[fcol], dtype="S")
+        mask = first != b""
+        if special:
+            mask[np.fromiter(special, dtype=np.int64, count=len(special))] = False
+        seqs = np.flatnonzero(mask)
+        if not len(seqs):
+            continue
+        values, bad = [], np.zeros(len(seqs), dtype=bool)
+        for j, (_name, kind) in enumerate(EVENTS_BY_KEY[key].fields):
+            raw = first[mask] if j == 0 else np.array(cols[fcol + j], dtype="S")[mask]
+            v, b = _convert_array(np, raw, kind)
+            values.append(v)
+            bad |= b
+        tids = np.array(cols[tcol], dtype="S")[mask] if tcol is not None else None
+        if bad.any():
+            special.update(seqs[bad].tolist())
+            keep = ~bad
+            seqs, values = seqs[keep], [v[keep] for v in values]
+            tids = tids[keep] if tids is not None else None
+        if len(seqs):
+            out.fast[key] = (seqs, tids, values)
+    if special:
+        cursor = [0]
+        for i in sorted(special):
+            out.other.append((i, _one(rows[i], data, cursor)))
+    return out

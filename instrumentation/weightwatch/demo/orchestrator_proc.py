@@ -22,12 +22,10 @@ import logging
 import random
 import signal
 import sys
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -82,22 +80,6 @@ def _prompts() -> list[str]:
     return out
 
 
-class AdminLoop:
-    """An event loop on its own thread for admin calls; ``await run(coro)`` from the main loop."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="weightwatch-admin-loop", daemon=True)
-        self.thread.start()
-
-    async def run(self, coro: Any) -> Any:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 class Orchestrator:
     def __init__(self, args: argparse.Namespace, layout: RunLayout):
         self.args = args
@@ -118,33 +100,19 @@ class Orchestrator:
             timeout=httpx.Timeout(connect=10.0, read=120.0, write=30.0, pool=None),
         )
         timeouts = AdminTimeouts(connect=10.0, read=120.0, total=300.0)
-        self.admin_loop: AdminLoop | None = None
         if args.admin == "shared":
             self.admin = AdminClient([args.api_url], timeouts=timeouts, client=self.gen)
         else:
             if not args.admin_url:
                 raise SystemExit("--admin lane needs --admin-url (the server's admin port)")
-            self.admin = AdminClient([args.admin_url], timeouts=timeouts)
-            # The lane on the client side too: admin calls run on their own thread and event loop, so
-            # a generation loop busy parsing streamed tokens cannot delay them (see docs/demo.md).
-            self.admin_loop = AdminLoop()
+            # The lane on the client side too: the dedicated AdminClient runs its calls on its own thread
+            # and event loop (own_loop), so a generation loop busy parsing streamed tokens cannot delay them.
+            self.admin = AdminClient([args.admin_url], timeouts=timeouts, own_loop=True)
 
     async def _model_name(self) -> str:
         resp = await self.gen.get("/v1/models")
         resp.raise_for_status()
         return str(resp.json()["data"][0]["id"])
-
-    async def _warm_admin(self) -> None:
-        """Build the admin client and open its connection before step 0, as a long-running orchestrator has.
-
-        Otherwise the first update pays client construction (SSL context, instrumentation) and the TCP
-        connect inside its measured queue time. Best effort: the update works without it.
-        """
-        try:
-            client = self.admin._http()  # noqa: SLF001 - AdminClient builds its client lazily; no public warm-up yet
-            await client.get(self.args.admin_url.rstrip("/") + "/health", timeout=10.0)
-        except Exception as exc:  # noqa: BLE001
-            _log.info("admin warm-up skipped: %s", exc)
 
     async def _stream_one(self, prompt: str) -> tuple[str, str | None]:
         body = {"model": self.model, "prompt": prompt, "max_tokens": self.args.max_tokens, "temperature": 1.0, "stream": True,
@@ -209,8 +177,7 @@ class Orchestrator:
         if newest is None:
             return
         ckpt_step, path = newest
-        call = self.admin.update_weights(path, step=ckpt_step)
-        result = await (self.admin_loop.run(call) if self.admin_loop is not None else call)
+        result = await self.admin.update_weights(path, step=ckpt_step)
         if result.ok:
             self.loaded_step = ckpt_step
         else:
@@ -219,8 +186,6 @@ class Orchestrator:
     async def run(self) -> int:
         args = self.args
         self.model = await self._model_name()
-        if self.admin_loop is not None:
-            await self.admin_loop.run(self._warm_admin())
         probe = start_loop_lag_probe("rl_orchestrator_event_loop_lag_seconds")
         workers: list[asyncio.Task[None]] = []
         _log.info("orchestrator ready: model=%s admin=%s concurrency=%d pool=%d batch=%d async_level=%d",
@@ -250,11 +215,7 @@ class Orchestrator:
                 w.cancel()
             probe.cancel()
             await asyncio.gather(*workers, probe, return_exceptions=True)
-            if self.admin_loop is not None:
-                await self.admin_loop.run(self.admin.aclose())
-                self.admin_loop.close()
-            else:
-                await self.admin.aclose()
+            await self.admin.aclose()
             await self.gen.aclose()
         _log.info("orchestrator stopped after %d steps", step)
         return 0
@@ -291,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--async-level must be >= 0")
     layout = RunLayout.create(args.run_dir)
     if args.admin == "lane":
-        # Admin calls run on their own thread; a thread that waits on sockets gives up the GIL at every
+        # Admin calls run on their own thread (AdminClient own_loop); a thread that waits on sockets gives up the GIL at every
         # syscall and, by default, waits up to 5 ms to get it back from the busy generation thread each
         # time. A 1 ms switch interval keeps that convoy small (sys.setswitchinterval, docs/demo.md).
         sys.setswitchinterval(0.001)
