@@ -146,5 +146,5 @@ def test_scan_arrays_takes_canonical_lines_as_arrays() -> None:
     assert [seq for seq, _ in cols.other] == [4, 5]
     assert cols.other[0][1][3] == {"server_ms": "2.5"} and cols.other[1][1][2][0] == 99999999999999999999999
     done = cols.fast["weights.client.done"]
-    assert done[1].tolist() == [b"ab12", b"cd34"] and done[2][1][1] != done[2][1][1]  # na is NaN
+    assert done[1] == [b"ab12", b"cd34"] and done[2][1][1] != done[2][1][1]  # na is NaN
     assert scan_arrays("x \u00e9 [gen] batch.done completions=1 dur_ms=1 inflight=1".encode()) is None

@@ -218,31 +218,30 @@ def _run_against(server, tiny_model: Path, name: str, *args: str, duration: floa
     return run_dir, output
 
 
-#: The demo's own processes keep a 2-core machine at a load of about 4-6; above this, other jobs share it.
-OVERSUBSCRIBED_LOAD_PER_CORE = 4.0
+#: The demo alone keeps a 2-core machine at a load average of about 4-5; above 3 per core other jobs share it.
+OVERSUBSCRIBED_LOAD_PER_CORE = 3.0
 
 
-def _xfail_if_oversubscribed(done: list[Event], load_before: float) -> None:
+def _xfail_if_oversubscribed(done: list[Event], waits: list[Event], load_before: float) -> None:
     """The lane's verdict needs the CPU: on a machine other jobs oversubscribe, single updates wait for it.
 
-    Only when the machine was oversubscribed (load average above OVERSUBSCRIBED_LOAD_PER_CORE per core,
-    before and after the run) AND the typical lane update was healthy (median queue and median rpc under
-    their thresholds) is a non-healthy verdict from a few outliers blamed on the machine; anything else fails.
+    The analyzer names a bottleneck when 5 % of updates show it, i.e. one outlier in 20. Only when the
+    machine was oversubscribed (load average above OVERSUBSCRIBED_LOAD_PER_CORE per core, before and after
+    the run) AND the typical update was healthy (median queue, rpc and checkpoint wait under their
+    thresholds) is a non-healthy lane verdict blamed on the machine; anything else fails.
     """
-    from weightwatch.catalogue import QUEUE_THRESHOLD_SECONDS, RPC_SLOW_SECONDS
+    from weightwatch.analysis.rules import CKPT_WAIT_SLOW_MS, QUEUE_THRESHOLD_MS, RPC_SLOW_MS
 
-    def median(key: str) -> float:
-        values = sorted(e[key] for e in done if e[key] is not None)
+    def median(events: list[Event], key: str) -> float:
+        values = sorted(e[key] for e in events if e[key] is not None)
         return values[len(values) // 2] if values else float("inf")
 
     limit = OVERSUBSCRIBED_LOAD_PER_CORE * (os.cpu_count() or 1)
     load_after = os.getloadavg()[0]
-    q50, r50 = median("queue_ms"), median("rpc_ms")
-    if min(load_before, load_after) > limit and q50 < QUEUE_THRESHOLD_SECONDS * 1000 and r50 < RPC_SLOW_SECONDS * 1000:
-        outliers = [(round(e["queue_ms"] or 0), round(e["rpc_ms"] or 0)) for e in done
-                    if (e["queue_ms"] or 0) > QUEUE_THRESHOLD_SECONDS * 1000 or (e["rpc_ms"] or 0) > RPC_SLOW_SECONDS * 1000]
+    q50, r50, w50 = median(done, "queue_ms"), median(done, "rpc_ms"), median(waits, "wait_ms")
+    if min(load_before, load_after) > limit and q50 < QUEUE_THRESHOLD_MS and r50 < RPC_SLOW_MS and w50 < CKPT_WAIT_SLOW_MS:
         pytest.xfail(f"machine oversubscribed (load {load_before:.1f}/{load_after:.1f} > {limit:.0f}); lane medians "
-                     f"queue {q50:.0f} ms, rpc {r50:.0f} ms; outliers (queue, rpc) {outliers}")
+                     f"queue {q50:.0f} ms, rpc {r50:.0f} ms, checkpoint wait {w50:.0f} ms: outliers only")
 
 
 @pytest.mark.parametrize(
@@ -266,7 +265,8 @@ def test_verdict_against_shared_server(vllm_server, tiny_model, name, args, expe
     done = [e for e in _events(run_dir / "orchestrator.log") if e.key == "weights.client.done"]
     assert len(done) >= 3 and all(e.get("ok") == "1" for e in done)
     if expected == "healthy" and report.verdict.signature != "healthy":
-        _xfail_if_oversubscribed(done, load_before)
+        waits = [e for e in _events(run_dir / "orchestrator.log") if e.key == "ckpt.wait.done"]
+        _xfail_if_oversubscribed(done, waits, load_before)
     assert report.verdict.signature == expected, f"{report.verdict}\n{output[-3000:]}"
     assert f"verdict: {expected}" in output
     # the server now runs the run's last checkpoint, not what it had before

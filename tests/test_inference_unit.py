@@ -119,12 +119,14 @@ def test_first_byte_and_event_carry_the_traceparent_trace_id(inference_telemetry
         after = time.time()
         untraced = client.post(f"{url}/update_weights").json()
         quiet = client.get(f"{url}/health", headers={"traceparent": TRACEPARENT}).json()
+        generation = client.get(f"{url}/stream", headers={"traceparent": TRACEPARENT})
+    assert generation.status_code == 200
     assert before <= body["recv_t"] <= after
     assert body["tid"] == TID and body["lane"] == "admin"
     assert untraced["tid"] is None
     assert quiet["lane"] == "inference"
     recv = [weightwatch.events.parse_line(r.getMessage()) for r in caplog.records if "server.recv" in r.getMessage()]
-    assert len(recv) == 1, "one event: the traced admin request (untraced and quiet paths emit none)"
+    assert len(recv) == 1, "one event: the traced admin request (untraced, quiet and generation paths emit none)"
     assert recv[0].tid == TID and recv[0]["path"] == "/update_weights"
     assert recv[0]["t"] == pytest.approx(body["recv_t"], abs=1e-3)
 
@@ -257,6 +259,8 @@ def test_config_from_env(tmp_path):
     )
     assert c.admin_token == "s3cret" and c.admin_port == 8001 and c.weights_root == tmp_path.resolve()
     assert InferenceConfig.from_env({}).admin_token is None
+    assert InferenceConfig.from_env({}).lane_dispatch == "direct"
+    assert InferenceConfig.from_env({"WEIGHTWATCH_TRACE_EXCLUDE": " /v1/completions "}).trace_exclude == "/v1/completions"
     for env in [
         {"WEIGHTWATCH_ADMIN_TOKEN_FILE": str(tmp_path / "nope")},
         {"WEIGHTWATCH_ADMIN_PORT": "eighty"},
@@ -359,8 +363,10 @@ def test_serve_forwards_sigterm_and_exits_with_the_childs_code(tmp_path):
         "import sys\n"
         "from weightwatch.inference import serve_cli\n"
         f"serve_cli.build_command = lambda args, env: ([sys.executable, '-c', {child!r}], env)\n"
-        "from weightwatch.cli import main\n"
-        "sys.exit(main(['serve', '--model', 'm']))\n"
+        "import argparse\n"
+        "parser = argparse.ArgumentParser()\n"
+        "serve_cli.add_arguments(parser)\n"
+        "sys.exit(serve_cli.run(parser.parse_args(['--model', 'm'])))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", launcher])
     try:

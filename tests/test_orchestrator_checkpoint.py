@@ -137,3 +137,12 @@ def test_a_busy_parallel_run_next_door_is_not_a_wrong_path(tmp_path) -> None:
     assert find_trainer_root(mine, target_step=4) is None
     write_checkpoint(other, 4).join()  # the step we wait for appeared there and not here
     assert find_trainer_root(mine, target_step=4) == (other, 4)
+
+
+def test_a_busy_run_next_door_far_from_the_target_is_not_a_wrong_path(tmp_path) -> None:
+    # Another run (a cousin directory) wrote step_1 just now; we wait for step 4 under a root the trainer
+    # has not created yet. That is not evidence of a wrong path.
+    write_checkpoint(tmp_path / "other_run" / "weights", 1).join()
+    mine = tmp_path / "my_run" / "weights"
+    assert find_trainer_root(mine, target_step=4) is None
+    assert find_trainer_root(mine, target_step=2) == (tmp_path / "other_run" / "weights", 1)

@@ -517,8 +517,8 @@ def parse_bytes(data: bytes) -> Iterator[Event | Rejected]:
 class ArrayColumns:
     """A block parsed column-wise into numpy arrays; ``other`` as in Columns.
 
-    ``fast[key] = (seqs int64, tids bytes array or None, one array per field in the spec's order)``:
-    float fields are float64 (NaN for ``na``), int fields int64, str fields bytes arrays.
+    ``fast[key] = (seqs int64 array, tids as a list of bytes or None, one column per field in the spec's
+    order)``: float fields are float64 arrays (NaN for ``na``), int fields int64 arrays, str fields lists of bytes.
     """
 
     count: int = 0
@@ -530,7 +530,7 @@ class ArrayColumns:
         for key, (seqs, tids, cols) in self.fast.items():
             kinds = [kind for _, kind in EVENTS_BY_KEY[key].fields]
             lists = [_array_values(c, kind) for c, kind in zip(cols, kinds, strict=True)]
-            ts = [t.decode() for t in tids.tolist()] if tids is not None else [None] * len(seqs)
+            ts = [t.decode() for t in tids] if tids is not None else [None] * len(seqs)
             for seq, tid, *values in zip(seqs.tolist(), ts, *lists, strict=True):
                 yield seq, (key, tid, tuple(values), None)
         yield from self.other
@@ -539,11 +539,35 @@ class ArrayColumns:
 def _array_values(a: Any, kind: str) -> list[Any]:
     """An ArrayColumns column as the Python values parse_line gives (str, int, float or None)."""
     if kind == "str":
-        return [v.decode() for v in a.tolist()]
+        return [v.decode() for v in a]
     values = a.tolist()
     if kind == "float":
         return [None if v != v else v for v in values]
     return values
+
+
+def _plain_decimals(np: Any, raw: Any) -> tuple[Any, Any]:
+    """float() of values written as DIGITS.DIGITS (what format_event writes), vectorized; (values, which rows).
+
+    The digits without the dot form an integer below 2**53 and 10**k is exact, so one IEEE division gives
+    the correctly rounded value, exactly what float() gives for the decimal string.
+    """
+    m, w = len(raw), raw.itemsize
+    mat = raw.view(np.uint8).reshape(m, w)
+    digit = (mat >= 48) & (mat <= 57)
+    dot = mat == 46
+    pad = mat == 0
+    ok = (digit | dot | pad).all(axis=1) & (dot.sum(axis=1) == 1) & digit[:, 0]
+    dot_at = dot.argmax(axis=1)
+    length = w - pad.sum(axis=1)  # values hold no NUL bytes: padding is only at the end
+    frac = length - dot_at - 1
+    ok &= (frac >= 1) & (frac <= 22) & (length <= 17)  # at most 16 digits (no int64 overflow), checked below 2**53
+    acc = np.zeros(m, dtype=np.int64)
+    for j in range(min(w, 17)):
+        acc = np.where(digit[:, j], acc * 10 + (mat[:, j].astype(np.int64) - 48), acc)
+    ok &= acc < 2**53
+    values = acc / (10.0 ** np.where(ok, frac, 0))
+    return values, ok
 
 
 def _convert_array(np: Any, raw: Any, kind: str) -> tuple[Any, Any]:
@@ -553,6 +577,15 @@ def _convert_array(np: Any, raw: Any, kind: str) -> tuple[Any, Any]:
     if kind == "str":
         return raw, bad
     dtype = np.float64 if kind == "float" else np.int64
+    if kind == "float" and n:
+        values, done = _plain_decimals(np, raw)
+        if done.all():
+            return values, bad
+        if done.any():
+            rest, rest_bad = _convert_array(np, raw[~done], kind)
+            values[~done] = rest
+            bad[~done] = rest_bad
+            return values, bad
     try:
         values = raw.astype(dtype)  # numpy parses with Python's own float()/int() rules
     except (ValueError, OverflowError):
@@ -575,51 +608,79 @@ def _convert_array(np: Any, raw: Any, kind: str) -> tuple[Any, Any]:
     return values, bad
 
 
+_BV = rb"[^\s=\[\]]+"  # a value the array path takes (anything else is the token loop's call)
+_BEOL = rb"(?=[ \t\r\x0b\x0c]*(?:\n|\Z))"  # nothing but spaces after the fields
+# Groups: the fields of a canonical client.done / client.send (from the trace id on) / gen batch.done (from the
+# first value on), each only when nothing but whitespace follows; or (4) any other tagged line from its tag on.
+_BARR = re.compile(
+    rb"\[(?:weights\]\[([^\]\s]+\] client\.done wall_ms=" + _BV + rb" rpc_ms=" + _BV + rb" queue_ms=" + _BV + rb")" + _BEOL
+    + rb"|weights\]\[([^\]\s]+\] client\.send url=" + _BV + rb" op=" + _BV + rb" t=" + _BV + rb")" + _BEOL
+    + rb"|gen\] batch\.done completions=(" + _BV + rb" dur_ms=" + _BV + rb" inflight=" + _BV + rb")" + _BEOL
+    + rb"|((?:weights|ckpt|gen|rollout)\][^\n]*))"
+)
+# Neither trace ids nor values above hold "]" or "=": as spaces they cut each group into fixed columns.
+_BSPLIT = bytes.maketrans(b"]=", b"  ")
+assert FAST_EVENTS == ("weights.client.done", "weights.client.send", "gen.batch.done")
+
+
 def scan_arrays(data: bytes) -> ArrayColumns | None:
     """Parse a block into ArrayColumns; agrees with ``parse_line`` on each line (see ``items``).
 
-    None when the block needs the careful path (non-ASCII, ANSI colours, NUL bytes): use ``scan_columns``.
+    One regex pass finds the first tag of every line; a canonical high-volume line comes back as one
+    bytes string of its values, and all of them are split into columns by a join, a few replaces and
+    one split (C speed), then converted by numpy. None when the block needs the careful path
+    (non-ASCII, ANSI colours, NUL bytes): use ``scan_columns``.
     """
     import numpy as np
 
     if b"\x1b" in data or b"\x00" in data or not data.isascii() or any(c in data for c in _STR_ONLY_SPACE):
         return None
     out = ArrayColumns()
-    rows = _BLINE.findall(data)
+    rows = _BARR.findall(data)
     n = out.count = len(rows)
     if not n:
         return out
     cols = list(zip(*rows, strict=True))
-    special = set(compress(range(n), cols[10]))  # tags the fast alternatives did not take
-    for i in compress(range(n), cols[12]):
-        rest = rows[i][12]
-        if rest[0] not in _SPACE_BYTES or not rest.isspace():
-            special.add(i)  # extra fields or a glued value: the token loop's call
-    for g, fcol, tcol in ((0, 1, 0), (1, 4, 0), (2, 7, None)):
+    special = list(compress(range(n), cols[3]))  # other tags, extra fields, odd values: the token loop
+    for g in range(3):
         key = FAST_EVENTS[g]
-        first = np.array(cols[fcol], dtype="S")
-        mask = first != b""
-        if special:
-            mask[np.fromiter(special, dtype=np.int64, count=len(special))] = False
-        seqs = np.flatnonzero(mask)
-        if not len(seqs):
+        present = cols[g]
+        seqs = np.fromiter(compress(range(n), present), dtype=np.int64)
+        m = len(seqs)
+        if not m:
             continue
-        values, bad = [], np.zeros(len(seqs), dtype=bool)
-        for j, (_name, kind) in enumerate(EVENTS_BY_KEY[key].fields):
-            raw = first[mask] if j == 0 else np.array(cols[fcol + j], dtype="S")[mask]
-            v, b = _convert_array(np, raw, kind)
+        # "TID] client.done wall_ms=V rpc_ms=V queue_ms=V" -> 9 tokens once "]" and "=" are spaces; "V dur_ms=V inflight=V" -> 5
+        tokens = b" ".join(compress(present, present)).translate(_BSPLIT).split(b" ")
+        width = 9 if g < 2 else 5
+        assert len(tokens) == m * width
+        tids = tokens[0::width] if g < 2 else None
+        values, bad = [], np.zeros(m, dtype=bool)
+        for j, (_name, kind) in zip((4, 6, 8) if g < 2 else (0, 2, 4), EVENTS_BY_KEY[key].fields, strict=True):
+            if kind == "str":  # kept as bytes: few distinct values (urls, ops), hashed rather than sorted later
+                values.append(tokens[j::width])
+                continue
+            v, b = _convert_array(np, np.array(tokens[j::width], dtype="S"), kind)
             values.append(v)
             bad |= b
-        tids = np.array(cols[tcol], dtype="S")[mask] if tcol is not None else None
         if bad.any():
-            special.update(seqs[bad].tolist())
-            keep = ~bad
-            seqs, values = seqs[keep], [v[keep] for v in values]
-            tids = tids[keep] if tids is not None else None
+            special.extend(seqs[bad].tolist())
+            keep = np.flatnonzero(~bad).tolist()
+            seqs = seqs[keep]
+            values = [v[keep] if isinstance(v, np.ndarray) else list(map(v.__getitem__, keep)) for v in values]
+            tids = list(map(tids.__getitem__, keep)) if tids is not None else None
         if len(seqs):
             out.fast[key] = (seqs, tids, values)
     if special:
         cursor = [0]
         for i in sorted(special):
-            out.other.append((i, _one(rows[i], data, cursor)))
+            r = rows[i]
+            if r[3]:
+                text = b"[" + r[3]
+            elif r[0] or r[1]:
+                text = b"[weights][" + (r[0] or r[1])
+            else:
+                text = b"[gen] batch.done completions=" + r[2]
+            m_ = _BLINE.match(text)
+            assert m_ is not None
+            out.other.append((i, _one(m_.groups(b""), data, cursor)))
     return out

@@ -13,10 +13,11 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any
 from urllib.parse import urlsplit
 
-from weightwatch.events import Columns, Rejected, scan_columns
+from weightwatch.events import FAST_EVENTS, ArrayColumns, Columns, Rejected, scan_arrays, scan_columns
 
 #: How many rejected lines are kept verbatim per reason (the rest are only counted).
 SAMPLES_PER_REASON = 3
@@ -57,6 +58,55 @@ class _Joined:
 
 
 @dataclass
+class Bulk:
+    """Updates joined inside one fast block (one send and one done per trace id, no extra fields), as numpy
+    columns: no Python object per update, cheap to pickle back from a worker and to summarize.
+
+    ``t``, ``wall_ms``, ``rpc_ms``, ``queue_ms`` are float64 with NaN for unknown (``na``); ``tid`` is a bytes
+    array; server and op are codes into label lists; step, server_ms and pool_wait_ms are unknown (None).
+    """
+
+    seq: Any
+    tid: Any
+    hash: Any  # hash() of each trace id's bytes, computed where they are hot (forked workers share the hash secret)
+    server_labels: list[str]
+    server_codes: Any
+    op_labels: list[str]
+    op_codes: Any
+    t: Any
+    wall_ms: Any
+    rpc_ms: Any
+    queue_ms: Any
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    def shifted(self, base: int) -> Bulk:
+        return Bulk(self.seq + base, self.tid, self.hash, self.server_labels, self.server_codes, self.op_labels, self.op_codes,
+                    self.t, self.wall_ms, self.rpc_ms, self.queue_ms)
+
+    def joined_lists(self) -> dict[str, list[Any]]:
+        """The same updates as ``prejoin``'s list columns (JOINED_COLS), for the general path."""
+        tids = [t.decode() for t in self.tid.tolist()]
+        n = len(tids)
+        nones = [None] * n
+        return {
+            "seq": self.seq.tolist(), "tid": tids, "server": [self.server_labels[i] for i in self.server_codes.tolist()],
+            "op": [self.op_labels[i] for i in self.op_codes.tolist()], "step": nones, "t": nan_to_none(self.t),
+            "wall_ms": nan_to_none(self.wall_ms), "rpc_ms": nan_to_none(self.rpc_ms), "queue_ms": nan_to_none(self.queue_ms),
+            "server_ms": list(nones), "pool_wait_ms": list(nones), "hash": list(map(hash, tids)),
+        }
+
+
+def nan_to_none(a: Any) -> list[Any]:
+    """A float64 array as a list of floats with None where it is NaN (unknown)."""
+    values = a.tolist()
+    if len(a) and (a != a).any():
+        return [None if v != v else v for v in values]
+    return values
+
+
+@dataclass
 class Partial:
     """Events of one source (or one block of it); ``seq`` orders them within the source.
 
@@ -92,6 +142,8 @@ class Partial:
     samples: dict[str, list[str]] = field(default_factory=dict)
     # server-side timings only spans know: tid -> server_ms
     server_ms: dict[str, float] = field(default_factory=dict)
+    # updates ``prejoin_arrays`` joined inside fast blocks, as numpy columns (see ``Bulk``), in block order
+    bulk: list[Bulk] = field(default_factory=list)
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers send Partials back through a pipe: a million trace ids pickle far faster as one string.
@@ -129,6 +181,7 @@ class Partial:
             setattr(q, name, cols)
         for name in ("recvs", "rpc_starts", "rpc_dones", "writes", "waits", "gen_starts", "rollouts"):
             setattr(q, name, [(r[0] + base, *r[1:]) for r in getattr(self, name)])
+        q.bulk = [b.shifted(base) for b in self.bulk]
         return q
 
     def extend(self, other: Partial) -> None:
@@ -139,6 +192,7 @@ class Partial:
                 mine[col].extend(values)
         for name in ("recvs", "rpc_starts", "rpc_dones", "writes", "waits", "gen_starts", "rollouts"):
             getattr(self, name).extend(getattr(other, name))
+        self.bulk.extend(other.bulk)
         self.n = max(self.n, other.n)
         self.events += other.events
         self.lines += other.lines
@@ -312,6 +366,106 @@ def prejoin(p: Partial) -> None:
             cols[col] = [values[i] for i in keep]
 
 
+def _take(values: list[Any], idx: list[int]) -> list[Any]:
+    return list(map(values.__getitem__, idx))
+
+
+def _send_lists(p: Partial, base: int, send: tuple[Any, list[bytes], list[Any]], keep: list[int]) -> None:
+    seqs, tids, (url, op, t) = send
+    servers = _Servers()
+    s = p.send
+    s["seq"] += (seqs[keep] + base).tolist()
+    s["tid"] += [x.decode() for x in _take(tids, keep)]
+    s["server"] += [servers[x.decode()] for x in _take(url, keep)]
+    s["op"] += [x.decode() for x in _take(op, keep)]
+    s["t"] += nan_to_none(t[keep])
+    s["step"] += [None] * len(keep)
+
+
+def _done_lists(p: Partial, base: int, done: tuple[Any, list[bytes], list[Any]], keep: list[int]) -> None:
+    seqs, tids, (wall, rpc, queue) = done
+    d = p.done
+    d["seq"] += (seqs[keep] + base).tolist()
+    d["tid"] += [x.decode() for x in _take(tids, keep)]
+    d["wall_ms"] += nan_to_none(wall[keep])
+    d["rpc_ms"] += nan_to_none(rpc[keep])
+    d["queue_ms"] += nan_to_none(queue[keep])
+    for col in ("server", "server_ms", "pool_wait_ms"):
+        d[col] += [None] * len(keep)
+
+
+def _codes(values: list[bytes], label: Any) -> tuple[list[str], Any]:
+    """(distinct labels, int32 code per value): a categorical column, by hashing (few distinct values)."""
+    import numpy as np
+
+    uniq = list(dict.fromkeys(values))
+    index = dict(zip(uniq, range(len(uniq)), strict=True))
+    return [label(u) for u in uniq], np.fromiter(map(index.__getitem__, values), dtype=np.int32, count=len(values))
+
+
+def prejoin_arrays(p: Partial, base: int, send: tuple[Any, list[bytes], list[Any]] | None, done: tuple[Any, list[bytes], list[Any]] | None) -> None:
+    """``prejoin`` on the array columns of a fast block: trace ids with exactly one send and one done become
+    a ``Bulk``; the rest go to ``p.send``/``p.done`` as lists (in line order) for the parent to join."""
+    import numpy as np
+
+    sj: list[int] = []
+    dj: list[int] = []
+    if send is not None and done is not None:
+        st, dt = send[1], done[1]
+        sidx = dict(zip(st, range(len(st)), strict=True))
+        didx = dict(zip(dt, range(len(dt)), strict=True))
+        both = sidx.keys() & didx.keys()
+        if len(sidx) != len(st):
+            both -= {t for t, c in Counter(st).items() if c > 1}
+        if len(didx) != len(dt):
+            both -= {t for t, c in Counter(dt).items() if c > 1}
+        dj = list(compress(range(len(dt)), map(both.__contains__, dt)))
+        sj = list(map(sidx.__getitem__, map(dt.__getitem__, dj)))
+    for half, idx, to_lists in ((send, sj, _send_lists), (done, dj, _done_lists)):
+        if half is not None and len(idx) < len(half[0]):
+            taken = set(idx)
+            to_lists(p, base, half, [i for i in range(len(half[0])) if i not in taken])
+    if not sj:
+        return
+    assert send is not None and done is not None
+    s_seq, _s_tid, (url, op, t) = send
+    _d_seq, d_tid, (wall, rpc, queue) = done
+    tids = _take(d_tid, dj)
+    server_labels, server_codes = _codes(_take(url, sj), lambda u: server_of(u.decode()))
+    op_labels, op_codes = _codes(_take(op, sj), bytes.decode)
+    p.bulk.append(Bulk(
+        seq=s_seq[sj] + base, tid=np.array(tids, dtype="S"), hash=np.fromiter(map(hash, tids), dtype=np.int64, count=len(tids)),
+        server_labels=server_labels, server_codes=server_codes, op_labels=op_labels, op_codes=op_codes,
+        t=t[sj], wall_ms=wall[dj], rpc_ms=rpc[dj], queue_ms=queue[dj],
+    ))
+
+
+def ingest_arrays(p: Partial, a: ArrayColumns) -> None:
+    """Add one block parsed by ``events.scan_arrays`` to ``p`` and join its updates (``prejoin_arrays``)."""
+    base = p.n
+    gen = a.fast.get(FAST_EVENTS[2])
+    if gen is not None:
+        seqs, _, (comp, dur, inflight) = gen
+        g = p.gen
+        g["seq"] += (seqs + base).tolist()
+        g["completions"] += comp.tolist()
+        g["dur_ms"] += nan_to_none(dur)
+        g["inflight"] += inflight.tolist()
+    ingest_columns(p, Columns(count=a.count, other=a.other))  # the lines the token loop took
+    if gen is not None and len(p.gen["seq"]) > len(gen[0]):
+        _sort_cols(p.gen)
+    send, done = a.fast.get(FAST_EVENTS[1]), a.fast.get(FAST_EVENTS[0])
+    if p.send["seq"] or p.done["seq"]:  # some client line took the token loop (extra fields): the list path
+        for half, to_lists in ((send, _send_lists), (done, _done_lists)):
+            if half is not None:
+                to_lists(p, base, half, list(range(len(half[0]))))
+        _sort_cols(p.send)
+        _sort_cols(p.done)
+        prejoin(p)
+        return
+    prejoin_arrays(p, base, send, done)
+
+
 def scan_block(source: str, data: bytes, index: int = 0) -> Partial:
     """Parse block ``index`` of a source (``\\n``-separated log lines) into a Partial: a worker's whole job."""
     p = Partial(source, n=index * BLOCK_SEQ)
@@ -319,8 +473,12 @@ def scan_block(source: str, data: bytes, index: int = 0) -> Partial:
     enabled = gc.isenabled()
     gc.disable()  # millions of small objects, none cyclic: the cyclic GC would rescan them over and over
     try:
-        ingest_columns(p, scan_columns(data))
-        prejoin(p)
+        arrays = scan_arrays(data)
+        if arrays is not None:
+            ingest_arrays(p, arrays)
+        else:
+            ingest_columns(p, scan_columns(data))
+            prejoin(p)
     finally:
         if enabled:
             gc.enable()

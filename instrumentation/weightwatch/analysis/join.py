@@ -13,13 +13,25 @@ row tuples (``ROW_FIELDS``), the representation the report works on.
 
 from __future__ import annotations
 
+import operator
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Sequence
+from itertools import islice
 from typing import Any
 
-from weightwatch.analysis.collect import Partial
-from weightwatch.analysis.rules import HEALTHY, Diagnosis, diagnose, signature_of
+from weightwatch.analysis.collect import BLOCK_SEQ, Bulk, Partial
+from weightwatch.analysis.rules import (
+    ENGINE_RELOAD_SLOW,
+    FRONT_END_QUEUE,
+    HEALTHY,
+    QUEUE_THRESHOLD_MS,
+    RPC_SLOW_MS,
+    SIGNATURES,
+    Diagnosis,
+    diagnose,
+    signature_of,
+)
 
 CLIENT_EVENTS = ("client.send", "client.done")
 SERVER_EVENTS = ("server.recv", "rpc.start", "rpc.done")
@@ -258,13 +270,52 @@ class Table:
     """All updates column-wise (ROW_FIELDS -> equal-length lists) and their time order.
 
     A 1 GB log holds millions of updates: columns cost a few C-level operations each, where
-    per-update objects or tuples cost a Python call each.
+    per-update objects or tuples cost a Python call each. The updates joined inside fast blocks
+    (``collect.Bulk``) stay numpy columns as rows ``0 .. nb-1``; ``cols`` turns them into lists on
+    first use (the general path), the report's hot spots read them as arrays (``array``, ``bulk_sig``).
     """
 
     def __init__(self) -> None:
-        self.cols: dict[str, list[Any]] = {f: [] for f in ROW_FIELDS}
+        self._cols: dict[str, list[Any]] = {f: [] for f in ROW_FIELDS}
         self.n = 0
-        self.order: list[int] = []
+        self.order: Any = []
+        self.bulk: Bulk | None = None
+        self.bulk_source: str | None = None
+        self.bulk_sig: Any = None  # signature codes (index into SIGNATURES) of the bulk rows
+        self.nb = 0
+
+    def set_bulk(self, bulk: Bulk, source: str) -> None:
+        """Put the bulk rows first (before any ``add``)."""
+        assert self.n == 0
+        self.bulk, self.bulk_source, self.nb = bulk, source, len(bulk)
+        self.n = self.nb
+
+    @property
+    def cols(self) -> dict[str, list[Any]]:
+        """Every row's fields as lists (turns the bulk rows into lists first)."""
+        self.materialize()
+        return self._cols
+
+    def _bulk_lists(self) -> dict[str, list[Any]]:
+        b = self.bulk
+        assert b is not None
+        j = b.joined_lists()
+        nb = self.nb
+        sig = [SIGNATURES[i] for i in self.bulk_sig.tolist()] if self.bulk_sig is not None else [HEALTHY] * nb
+        out: dict[str, list[Any]] = {name: [None] * nb for name in ROW_FIELDS}
+        out.update(tid=j["tid"], server=j["server"], op=j["op"], t=j["t"], attempts=[1] * nb, wall_ms=j["wall_ms"],
+                   queue_ms=j["queue_ms"], rpc_ms=j["rpc_ms"], missing=[SERVER_EVENTS] * nb, client_source=[self.bulk_source] * nb,
+                   client_seq=j["seq"], signature=sig)
+        return out
+
+    def materialize(self) -> None:
+        """Turn the bulk rows into list rows (same row numbers)."""
+        if self.bulk is None:
+            return
+        front = self._bulk_lists()
+        for name in ROW_FIELDS:
+            self._cols[name] = front[name] + self._cols[name]
+        self.bulk, self.bulk_sig, self.nb = None, None, 0
 
     def add(self, n: int, **cols: Any) -> None:
         """Append ``n`` updates; a field not given is None, a non-list value is repeated."""
@@ -272,9 +323,9 @@ class Table:
             v = cols.get(name)
             if isinstance(v, list):
                 assert len(v) == n, name
-                self.cols[name] += v
+                self._cols[name] += v
             else:
-                self.cols[name] += [v] * n
+                self._cols[name] += [v] * n
         self.n += n
 
     def add_updates(self, ups: Sequence[Update]) -> None:
@@ -282,26 +333,135 @@ class Table:
             self.add(len(ups), **{name: [getattr(u, name) for u in ups] for name in ROW_FIELDS})
 
     def row(self, i: int) -> tuple:
-        return tuple(self.cols[name][i] for name in ROW_FIELDS)
+        i = int(i)
+        if i < self.nb:
+            b = self.bulk
+            assert b is not None
+
+            def f(a: Any) -> float | None:
+                v = float(a[i])
+                return None if v != v else v
+
+            values = dict(
+                tid=b.tid[i].decode(), server=b.server_labels[b.server_codes[i]], op=b.op_labels[b.op_codes[i]], t=f(b.t),
+                attempts=1, wall_ms=f(b.wall_ms), queue_ms=f(b.queue_ms), rpc_ms=f(b.rpc_ms), missing=SERVER_EVENTS,
+                client_source=self.bulk_source, client_seq=int(b.seq[i]),
+                signature=SIGNATURES[self.bulk_sig[i]] if self.bulk_sig is not None else HEALTHY,
+            )
+            return tuple(values.get(name) for name in ROW_FIELDS)
+        return tuple(self._cols[name][i - self.nb] for name in ROW_FIELDS)
 
     def update(self, i: int) -> Update:
         return Update.from_row(self.row(i))
 
+    def column(self, name: str) -> list[Any]:
+        """One field of every row, in row order."""
+        if self.bulk is None:
+            return self._cols[name]
+        return self._bulk_lists()[name] + self._cols[name]
+
     def values(self, name: str) -> list[Any]:
         """Non-None values of one field (any order)."""
-        return [v for v in self.cols[name] if v is not None]
+        if self.bulk is None:
+            return [v for v in self._cols[name] if v is not None]
+        return self.array(name).tolist()
+
+    def array(self, name: str) -> Any:
+        """Non-None values of a float field as a float64 array, in row order (what ``values`` holds)."""
+        import numpy as np
+
+        rest = [v for v in self._cols[name] if v is not None]
+        b = self.bulk
+        a = getattr(b, name, None) if b is not None and name in _BULK_FLOATS else None
+        if a is None:
+            return np.asarray(rest, dtype=np.float64)
+        a = a[a == a]
+        return np.concatenate([a, np.asarray(rest, dtype=np.float64)]) if rest else a
 
     def drop(self, idx: set[int]) -> list[tuple]:
         """Remove rows by index, returning them as tuples."""
         if not idx:
             return []
+        self.materialize()
         out = [self.row(i) for i in sorted(idx)]
         keep = [i for i in range(self.n) if i not in idx]
         for name in ROW_FIELDS:
-            col = self.cols[name]
-            self.cols[name] = [col[i] for i in keep]
+            col = self._cols[name]
+            self._cols[name] = [col[i] for i in keep]
         self.n = len(keep)
         return out
+
+
+_BULK_FLOATS = ("t", "wall_ms", "rpc_ms", "queue_ms")
+
+
+def _concat_bulk(chunks: Sequence[Bulk]) -> Bulk:
+    """One Bulk of many (label lists merged, codes remapped)."""
+    import numpy as np
+
+    if len(chunks) == 1:
+        return chunks[0]
+
+    def labels(kind: str) -> tuple[list[str], Any]:
+        merged: dict[str, int] = {}
+        codes = []
+        for c in chunks:
+            remap = np.array([merged.setdefault(x, len(merged)) for x in getattr(c, f"{kind}_labels")], dtype=np.int32)
+            codes.append(remap[getattr(c, f"{kind}_codes")] if len(remap) else getattr(c, f"{kind}_codes"))
+        return list(merged), np.concatenate(codes)
+
+    sl, sc = labels("server")
+    ol, oc = labels("op")
+    cat = lambda name: np.concatenate([getattr(c, name) for c in chunks])  # noqa: E731
+    return Bulk(seq=cat("seq"), tid=cat("tid"), hash=cat("hash"), server_labels=sl, server_codes=sc, op_labels=ol, op_codes=oc,
+                t=cat("t"), wall_ms=cat("wall_ms"), rpc_ms=cat("rpc_ms"), queue_ms=cat("queue_ms"))
+
+
+def _bulk_take(b: Bulk, idx: Any) -> Bulk:
+    return Bulk(seq=b.seq[idx], tid=b.tid[idx], hash=b.hash[idx], server_labels=b.server_labels, server_codes=b.server_codes[idx], op_labels=b.op_labels,
+                op_codes=b.op_codes[idx], t=b.t[idx], wall_ms=b.wall_ms[idx], rpc_ms=b.rpc_ms[idx], queue_ms=b.queue_ms[idx])
+
+
+def _bulk_columns(p: Partial, exclude: set[str], table: Table) -> tuple[list[tuple], list[tuple]]:
+    """``_joined_columns`` for a source whose joined updates are all Bulk: numpy instead of hashes and lists."""
+    import numpy as np
+
+    b = _concat_bulk(p.bulk)
+    h = b.hash
+    if len(h) and hash(bytes(b.tid[0])) != int(h[0]):  # not forked from this process: hash here
+        h = b.hash = np.fromiter(map(hash, b.tid.tolist()), dtype=np.int64, count=len(b.tid))
+    # A trace id joined in two blocks (duplicated log lines) or also seen elsewhere takes the general path;
+    # by hash, so a collision only sends a few more updates that way.
+    uniq, inverse, counts = np.unique(h, return_inverse=True, return_counts=True)
+    bad = counts[inverse] > 1
+    if exclude:
+        bad |= np.isin(h, np.fromiter((hash(t.encode()) for t in exclude), dtype=np.int64, count=len(exclude)))
+    sends: list[tuple] = []
+    dones: list[tuple] = []
+    if bad.any():
+        out = _bulk_take(b, np.flatnonzero(bad)).joined_lists()
+        sends = list(zip(out["seq"], out["tid"], out["server"], out["op"], out["t"], out["step"], strict=True))
+        dones = list(zip(out["seq"], out["tid"], out["wall_ms"], out["rpc_ms"], out["queue_ms"], out["server"], out["server_ms"],
+                         out["pool_wait_ms"], strict=True))
+        b = _bulk_take(b, np.flatnonzero(~bad))
+    table.set_bulk(b, p.source)
+    return sends, dones
+
+
+def _signature_codes(b: Bulk) -> Any:
+    """``rules.signature_of`` for every bulk row (no checkpoint waits there), as codes into SIGNATURES."""
+    import numpy as np
+
+    q = b.queue_ms
+    r = b.rpc_ms
+    with np.errstate(invalid="ignore"):
+        over_q = q > QUEUE_THRESHOLD_MS
+        best = np.where(over_q, q, 0.0)
+        over_r = (r > RPC_SLOW_MS) & (r > best)
+    codes = np.full(len(q), SIGNATURES.index(HEALTHY), dtype=np.int8)
+    codes[over_q] = SIGNATURES.index(FRONT_END_QUEUE)
+    codes[over_r] = SIGNATURES.index(ENGINE_RELOAD_SLOW)
+    return codes
 
 
 def _joined_columns(p: Partial, exclude: set[str], table: Table) -> tuple[list[tuple], list[tuple]]:
@@ -339,7 +499,12 @@ def join_table(parts: Sequence[Partial]) -> Table:
     logs = [p for p in parts if p.origin == "log"]
     spans = [p for p in parts if p.origin == "spans"]
     servers = _server_halves(logs, None)
-    client_logs = [p for p in logs if p.send["tid"] or p.done["tid"] or p.joined["tid"]]
+    client_logs = [p for p in logs if p.send["tid"] or p.done["tid"] or p.joined["tid"] or p.bulk]
+    # The numpy path takes one client log whose blocks all joined as arrays; anything else is joined as lists.
+    fast = client_logs[0] if len(client_logs) == 1 and client_logs[0].bulk and not client_logs[0].joined["tid"] else None
+    for p in client_logs:
+        if p.bulk and p is not fast:
+            _bulk_into_lists(p)
     # Trace ids with a server half, seen by more than one client source, or also among the halves left
     # unjoined (a retry, a send and its done in different blocks) take the general path.
     shared: set[str] = set(servers)
@@ -355,7 +520,7 @@ def join_table(parts: Sequence[Partial]) -> Table:
     objects: list[Update] = []
     clients: dict[str, list[Update]] = {}
     for p in client_logs:
-        js, jd = _joined_columns(p, shared, table)
+        js, jd = _bulk_columns(p, shared, table) if p is fast else _joined_columns(p, shared, table)
         sends = sorted(js + _send_rows(p, range(len(p.send["tid"]))))
         dones = sorted(jd + _done_rows(p, range(len(p.done["tid"]))), key=lambda r: r[0])
         for tid, ups in _client_objects(p.source, sends, dones).items():
@@ -366,6 +531,8 @@ def join_table(parts: Sequence[Partial]) -> Table:
             log_client_tids.update(p.done["tid"])
             log_client_tids.update(p.send["tid"])
             log_client_tids.update(p.joined["tid"])
+            if table.bulk is not None:
+                log_client_tids.update(t.decode() for t in table.bulk.tid.tolist())
         for p in spans:
             if not (p.send["tid"] or p.done["tid"]):
                 continue
@@ -386,16 +553,37 @@ def join_table(parts: Sequence[Partial]) -> Table:
         objects.extend(_server_only(tid, h) for h in hs)
     table.add_updates(objects)
     _attach_checkpoint_waits(table, parts)
-    c = table.cols
+    c = table._cols  # the list rows (after the bulk rows, if any)
     c["signature"] = list(map(signature_of, c["queue_ms"], c["rpc_ms"], c["ckpt_wait_ms"]))
     t, recv = c["t"], c["recv_t"]
     inf = float("inf")
     start = [x if x is not None else (y if y is not None else inf) for x, y in zip(t, recv, strict=False)]
     seq = [-1 if q is None else q for q in c["client_seq"]]
-    order = sorted(range(table.n), key=seq.__getitem__)  # ties in time keep log order, however the log was cut
-    order.sort(key=start.__getitem__)
-    table.order = order
+    b = table.bulk
+    if b is None:
+        order = sorted(range(table.n), key=seq.__getitem__)  # ties in time keep log order, however the log was cut
+        order.sort(key=start.__getitem__)
+        table.order = order
+        return table
+    import numpy as np
+
+    table.bulk_sig = _signature_codes(b)
+    all_start = np.concatenate([np.where(b.t == b.t, b.t, inf), np.asarray(start, dtype=np.float64)])
+    all_seq = np.concatenate([b.seq, np.asarray(seq, dtype=np.int64)])
+    table.order = np.lexsort((all_seq, all_start))  # by time, then log position, then row: as the sorts above
     return table
+
+
+def _bulk_into_lists(p: Partial) -> None:
+    """Move a source's Bulk updates into its ``joined`` lists, in block order (the list path's row order)."""
+    rows = [(r[0] // BLOCK_SEQ, k, r) for k, r in enumerate(zip(*(p.joined[c] for c in p.joined), strict=True))]
+    for chunk in p.bulk:
+        cols = chunk.joined_lists()
+        rows.extend((r[0] // BLOCK_SEQ, len(rows), r) for r in zip(*(cols[c] for c in p.joined), strict=True))
+    rows.sort(key=lambda x: (x[0], x[1]))
+    names = list(p.joined)
+    p.joined = {c: [r[2][i] for r in rows] for i, c in enumerate(names)}
+    p.bulk = []
 
 
 def _attach_checkpoint_waits(table: Table, parts: Sequence[Partial]) -> None:
@@ -430,15 +618,34 @@ def _attach_checkpoint_waits(table: Table, parts: Sequence[Partial]) -> None:
             cw[i], cs[i] = got
 
 
-def gen_index(parts: Sequence[Partial]) -> dict[str, tuple[list[int], list[tuple]]]:
+def gen_index(parts: Sequence[Partial]) -> dict[str, tuple[list[int], Any]]:
     """Per source, generation batches in order: (seqs, rows of (seq, completions, dur_ms, inflight))."""
-    out = {}
+    out: dict[str, tuple[list[int], Any]] = {}
     for p in parts:
         g = p.gen
-        if g["seq"]:
-            rows = sorted(zip(g["seq"], g["completions"], g["dur_ms"], g["inflight"], strict=False))
-            out[p.source] = ([r[0] for r in rows], rows)
+        s = g["seq"]
+        if not s:
+            continue
+        if all(map(operator.lt, s, islice(s, 1, None))):  # already in log order (always, from one log): no copies
+            out[p.source] = (s, _GenRows(g))
+            continue
+        rows = sorted(zip(s, g["completions"], g["dur_ms"], g["inflight"], strict=False))
+        out[p.source] = ([r[0] for r in rows], rows)
     return out
+
+
+class _GenRows:
+    """Rows (seq, completions, dur_ms, inflight) of sorted generation columns, made when sliced."""
+
+    def __init__(self, g: dict[str, list[Any]]):
+        self.g = g
+
+    def __len__(self) -> int:
+        return len(self.g["seq"])
+
+    def __getitem__(self, i: slice) -> list[tuple]:
+        g = self.g
+        return list(zip(g["seq"][i], g["completions"][i], g["dur_ms"][i], g["inflight"][i], strict=True))
 
 
 def generation_around(u: Update, gen_by_source: dict[str, tuple[list[int], list[tuple]]], before: int = 3, after: int = 1) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
 
-from weightwatch.analysis import rules
+from weightwatch.analysis import join, rules
 from weightwatch.analysis.collect import Partial
 from weightwatch.analysis.join import Table, Update, gen_index, generation_around, join_table
 from weightwatch.analysis.stats import summarize
@@ -45,7 +45,7 @@ class UpdateList(Sequence[Update]):
 
     def column(self, name: str) -> list[Any]:
         """One field of every update, in time order."""
-        col = self.table.cols[name]
+        col = self.table.column(name)
         return [col[j] for j in self.table.order]
 
     def _make(self, j: int) -> Update:
@@ -147,18 +147,84 @@ def _baseline(measures: dict[str, dict[str, Any]], model_size: str | None) -> di
     return {"model_size": model_size, "percentile": rules.BASELINE_PERCENTILE, "checks": checks, "ok": ok}
 
 
+class _GenSeries(Sequence[tuple]):
+    """Every generation batch as (seq, completions, dur_ms, inflight), sorted; built when first read (only plots do)."""
+
+    def __init__(self, parts: Sequence[Partial]):
+        self._parts: Sequence[Partial] | None = parts
+        self._rows: list[tuple] = []
+
+    def _get(self) -> list[tuple]:
+        if self._parts is not None:
+            ps, self._parts = self._parts, None
+            self._rows = sorted(r for p in ps for r in zip(p.gen["seq"], p.gen["completions"], p.gen["dur_ms"], p.gen["inflight"], strict=False))
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def]
+        return self._get()[i]
+
+    def __iter__(self) -> Iterator[tuple]:
+        return iter(self._get())
+
+
+def _bulk_signature_counts(table: Table) -> Counter[str]:
+    """Counter(signature of every row), keys in order of first appearance like Counter over the column."""
+    import numpy as np
+
+    codes, first, counts = np.unique(table.bulk_sig, return_index=True, return_counts=True)
+    seen: dict[str, tuple[int, int]] = {rules.SIGNATURES[c]: (f, k) for c, f, k in zip(codes.tolist(), first.tolist(), counts.tolist(), strict=True)}
+    for i, sig in enumerate(table._cols["signature"]):
+        f, k = seen.get(sig, (table.nb + i, 0))
+        seen[sig] = (f, k + 1)
+    return Counter({sig: k for sig, (f, k) in sorted(seen.items(), key=lambda x: x[1][0])})
+
+
+def _slowest_rows(table: Table, slowest: int) -> list[int]:
+    """Rows of the ``slowest`` largest updates by wall time (else queue + rpc), ties to the later row (heapq.nlargest)."""
+    n, k = table.n, max(0, slowest)
+    if table.bulk is None:
+        c = table.cols
+        size = [w if w is not None else (q or 0.0) + (r or 0.0) for w, q, r in zip(c["wall_ms"], c["queue_ms"], c["rpc_ms"], strict=False)]
+        return [j for _size, j in heapq.nlargest(k, zip(size, range(n), strict=False))]
+    import numpy as np
+
+    b, c = table.bulk, table._cols
+    zero = lambda a: np.where(a == a, a, 0.0)  # noqa: E731
+    bsize = np.where(b.wall_ms == b.wall_ms, b.wall_ms, zero(b.queue_ms) + zero(b.rpc_ms))
+    rest = [w if w is not None else (q or 0.0) + (r or 0.0) for w, q, r in zip(c["wall_ms"], c["queue_ms"], c["rpc_ms"], strict=False)]
+    size = np.concatenate([bsize, np.asarray(rest, dtype=np.float64)])
+    if not k or not n:
+        return []
+    cand = np.argpartition(size, n - k)[n - k:] if k < n else np.arange(n)
+    cut = size[cand].min()
+    cand = np.flatnonzero(size >= cut)  # every row tied with the k-th largest, so ties break as in nlargest
+    ranked = sorted(zip(size[cand].tolist(), cand.tolist(), strict=True), reverse=True)
+    return [j for _s, j in ranked[:k]]
+
+
 def build_report(parts: Sequence[Partial], *, slowest: int = 10, model_size: str | None = None, async_level: int | None = None) -> Report:
     """Join, diagnose and summarize a run read into Partials."""
     table = join_table(parts)
     n = table.n
-    measures = {m: summarize(table.values(m)) for m in MEASURES}
-    measures["recv_delay_ms"]["clock_skew_sensitive"] = True
     thr = rules.QUEUE_THRESHOLD_MS
-    breaches = sum(1 for q in table.cols["queue_ms"] if q is not None and q > thr)
-    sig_counts = Counter(table.cols["signature"])
+    if table.bulk is not None:  # the numpy path: same numbers, no Python object per update
+        measures = {m: summarize(table.array(m)) for m in MEASURES}
+        breaches = int((table.array("queue_ms") > thr).sum())
+        sig_counts = _bulk_signature_counts(table)
+        missing_rows = Counter(table._cols["missing"])
+        missing_rows[join.SERVER_EVENTS] += table.nb
+    else:
+        measures = {m: summarize(table.values(m)) for m in MEASURES}
+        breaches = sum(1 for q in table.cols["queue_ms"] if q is not None and q > thr)
+        sig_counts = Counter(table.cols["signature"])
+        missing_rows = Counter(table.cols["missing"])
+    measures["recv_delay_ms"]["clock_skew_sensitive"] = True
     missing: Counter[str] = Counter()
     incomplete = 0
-    for miss, k in Counter(table.cols["missing"]).items():
+    for miss, k in missing_rows.items():
         if miss:
             incomplete += k
             for e in miss:
@@ -204,13 +270,9 @@ def build_report(parts: Sequence[Partial], *, slowest: int = 10, model_size: str
         "steps_over_async_level": stale_over if lvl is not None else None,
         "ok": (not roll) or (not (trunc["mean"] or 0) > rules.TRUNCATION_WARN_PCT and stale_over == 0),
     }
-    c = table.cols
-    size = [w if w is not None else (q or 0.0) + (r or 0.0) for w, q, r in zip(c["wall_ms"], c["queue_ms"], c["rpc_ms"], strict=False)]
-    top = []
-    for _size, j in heapq.nlargest(max(0, slowest), zip(size, range(n), strict=False)):
-        u = table.update(j)
+    top = [table.update(j) for j in _slowest_rows(table, slowest)]
+    for u in top:
         u.around = generation_around(u, gen)
-        top.append(u)
     rejected = Counter[str]()
     samples: dict[str, list[str]] = {}
     for p in parts:
@@ -232,5 +294,5 @@ def build_report(parts: Sequence[Partial], *, slowest: int = 10, model_size: str
         baseline=_baseline(measures, model_size), slowest=top, queue_breaches=breaches,
         options={"slowest": slowest, "model_size": model_size, "async_level": async_level},
         series={"waits": waits, "writes": writes, "rollouts": roll,
-                "gen": sorted(r for p in parts for r in zip(p.gen["seq"], p.gen["completions"], p.gen["dur_ms"], p.gen["inflight"], strict=False))},
+                "gen": _GenSeries(parts)},
     )

@@ -38,7 +38,10 @@ def _empty() -> dict[str, Any]:
 
 def summarize(values: Iterable[float | None]) -> dict[str, Any]:
     """count, mean, stddev (sample), min, p50/p95/p99, max; None values are skipped, empty gives count 0."""
-    xs = values if isinstance(values, list) and None not in values else [v for v in values if v is not None]
+    if _np is not None and isinstance(values, _np.ndarray):  # the analyzer's numpy path: no None in there
+        xs = values if len(values) >= _NUMPY_MIN else values.tolist()
+    else:
+        xs = values if isinstance(values, list) and None not in values else [v for v in values if v is not None]
     n = len(xs)
     if n == 0:
         return _empty()

@@ -76,6 +76,14 @@ class Trainer:
         self.opt.step()
         return float(out.loss.detach())
 
+    def warm_up(self, texts: list[str]) -> None:
+        """One forward and backward pass without an optimizer step: the first backward is several times
+        slower than the rest (lazy kernels and allocations) and would otherwise show as a checkpoint wait."""
+        enc = self.tok(texts or ["."], return_tensors="pt", padding=True, truncation=True, max_length=256)
+        out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=enc["input_ids"])
+        out.loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+
     def state_dict(self) -> dict:
         return self.model.state_dict()
 
@@ -112,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         rng = random.Random(args.seed)
         corpus = _corpus_lines()
         eos = trainer.tok.eos_token or ""
+        trainer.warm_up([ln + eos for ln in corpus[: args.corpus_lines]])
         writer.write(0, trainer.state_dict(), extra_files=extras)
         _log.info("trainer ready: metrics on :%s, wrote step 0", tele.metrics_port)
         step = 1

@@ -59,7 +59,7 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 class FirstByteMiddleware:
     """Stamps each HTTP request when it reaches the app, counts it in flight on its lane, and emits
-    ``server.recv`` (with the incoming ``traceparent``'s trace id) for traced requests.
+    ``server.recv`` (with the incoming ``traceparent``'s trace id) for traced admin requests.
 
     ``admin_paths`` decide the lane; ``quiet_paths`` (health checks, scrapes) are counted but emit
     nothing. ``lane`` forces every request onto one lane (the separate admin listener).
@@ -97,7 +97,9 @@ class FirstByteMiddleware:
         scope[SCOPE_RECV_PERF] = recv_perf
         scope[SCOPE_TRACE_ID] = tid
         scope[SCOPE_LANE] = lane
-        if tid is not None and path not in self.quiet_paths:
+        # Only admin requests are part of the [weights] path: a traced generation request must not show
+        # up in the analyzer as a weight update with a missing client half.
+        if tid is not None and lane == "admin" and path not in self.quiet_paths:
             events.emit("weights.server.recv", tid, path=path, t=recv_t, lane=lane)
         metrics = telemetry.get().metrics
         metrics.inc(_INFLIGHT, lane=lane)

@@ -90,8 +90,8 @@ def find_trainer_root(root: Path, *, target_step: int | None = None, now: float 
     its cousins (run1/weights vs run2/weights).
     A candidate counts only when its newest step dir is recent (``RECENT_WRITE_S``) and newer than
     anything under ``root``, so finished runs lying next to the current one do not raise false alarms;
-    when ``root`` does get step dirs, the candidate must also have reached ``target_step`` (a parallel
-    run next door that is merely busy is not evidence).
+    the candidate must also be near ``target_step`` (reached it when ``root`` has step dirs, at most one
+    step short when it has none): a parallel run next door that is merely busy is not evidence.
     """
     root = root.absolute()
     now = time.time() if now is None else now
@@ -113,8 +113,8 @@ def find_trainer_root(root: Path, *, target_step: int | None = None, now: float 
         found = _newest_step(c)
         if found is None or found[1] <= floor:
             continue
-        if own is not None and target_step is not None and found[0] < target_step:
-            continue
+        if target_step is not None and found[0] < (target_step if own is not None else target_step - 1):
+            continue  # a run next door that is not (yet) near the step we wait for is no evidence
         if best is None or found[1] > best[2]:
             best = (c, found[0], found[1])
     return (best[0], best[1]) if best else None
