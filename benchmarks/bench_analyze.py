@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"all runs, wall seconds: pipeline {', '.join(f'{x:.2f}' for x in pipe_t)}; weightwatch {', '.join(f'{x:.2f}' for x in ww_t)}",
             f"all runs, CPU seconds: pipeline {', '.join(f'{x:.2f}' for x in pipe_c)}; weightwatch {', '.join(f'{x:.2f}' for x in ww_c)}",
+            "ratio in each back-to-back pair (pipeline / weightwatch): wall "
+            + ", ".join(f"{a / b:.2f}x" for a, b in zip(pipe_t, ww_t, strict=True))
+            + "; CPU " + ", ".join(f"{a / b:.2f}x" for a, b in zip(pipe_c, ww_c, strict=True)),
+            "(CPU seconds are the load-robust figure: wall time depends on how much of the 2 cores other jobs leave)",
             "",
             f"pipeline printed (n mean stddev max): `{pipe_out.strip()}`",
             f"weightwatch: {report['updates_summary']['count']:,} updates joined, queue_ms mean {q['mean']:.3f} stddev {q['stddev']:.3f} "

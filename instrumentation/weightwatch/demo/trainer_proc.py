@@ -1,8 +1,8 @@
 """The demo's trainer process: a real optimizer step with torch on the tiny model, then an atomic checkpoint.
 
 Step 0 is the initial model. Trainer step N (N >= 1) waits for the completions of orchestrator step
-N-1 (``RUN/rollouts/step_{N-1}.jsonl``), takes one AdamW step of next-token loss on them mixed with
-lines of local text (ending in EOS, so the model can learn to stop), and writes ``RUN/weights/step_N``
+N-1 (``RUN/rollouts/step_{N-1}.jsonl``), takes one AdamW step of next-token loss on a minibatch of
+them mixed with lines of local text (ending in EOS, so the model can learn to stop), and writes ``RUN/weights/step_N``
 with :class:`weightwatch.trainer.CheckpointWriter` (config and tokenizer copied, so vLLM can reload it).
 
 Run by ``weightwatch demo``; standalone: ``python -m weightwatch.demo.trainer_proc --run-dir RUN --model DIR``.
@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--keep-last", type=int, default=3)
     p.add_argument("--slow-writes", type=float, default=0.0, metavar="MS", help="inject this delay before each STABLE marker")
-    p.add_argument("--corpus-lines", type=int, default=8, help="lines of local text mixed into each step")
+    p.add_argument("--train-samples", type=int, default=8,
+                   help="completions per optimizer step (a random minibatch of the batch: keeps a step well under a generation step on 2 cores)")
+    p.add_argument("--corpus-lines", type=int, default=4, help="lines of local text mixed into each step")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this step (0: until stopped)")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -131,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             if stop.is_set():
                 break
             rollouts = read_rollouts(src)
-            texts = [str(r.get("prompt", "")) + str(r.get("text", "")) for r in rollouts]
+            picked = rng.sample(rollouts, min(args.train_samples, len(rollouts))) if args.train_samples > 0 else rollouts
+            texts = [str(r.get("prompt", "")) + str(r.get("text", "")) for r in picked]
             texts += [ln + eos for ln in rng.sample(corpus, min(args.corpus_lines, len(corpus)))]
             t0 = time.perf_counter()
             loss = trainer.train_step(texts)
