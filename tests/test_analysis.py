@@ -270,3 +270,27 @@ def test_text_report_names_the_slowest_updates(capsys: pytest.CaptureFixture[str
 def test_stddev_is_finite_for_identical_values() -> None:
     s = summarize([5.0] * 20000)
     assert s["stddev"] == 0.0 or math.isclose(s["stddev"], 0.0, abs_tol=1e-9)
+
+
+def _client_log(path: Path, queues_ms: list[float]) -> Path:
+    from weightwatch.events import format_event
+
+    lines = []
+    for i, q in enumerate(queues_ms):
+        tid = f"{i + 1:032x}"
+        lines.append(format_event("weights.client.send", tid, url="http://s:8001/update_weights", op="update_weights", t=1000.0 + i))
+        lines.append(format_event("weights.client.done", tid, wall_ms=q + 20.0, rpc_ms=15.0, queue_ms=q))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_one_outlier_does_not_make_the_run_verdict_but_two_do(tmp_path: Path) -> None:
+    one = analyze_paths([_client_log(tmp_path / "one.log", [20.0] * 19 + [450.0])])
+    assert one.verdict.signature == "healthy"
+    assert "outliers (1 front_end_queue)" in one.verdict.rule
+    assert one.verdict.counts["front_end_queue"] == 1
+    assert one.queue_breaches == 1  # still counted, and still fails the exit status
+    two = analyze_paths([_client_log(tmp_path / "two.log", [20.0] * 18 + [450.0, 500.0])])
+    assert two.verdict.signature == "front_end_queue"
+    single = analyze_paths([_client_log(tmp_path / "single.log", [450.0])])
+    assert single.verdict.signature == "front_end_queue"

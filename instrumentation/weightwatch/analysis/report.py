@@ -104,6 +104,7 @@ class Report:
             "thresholds": {
                 "queue_ms": rules.QUEUE_THRESHOLD_MS, "rpc_slow_ms": rules.RPC_SLOW_MS,
                 "ckpt_wait_slow_ms": rules.CKPT_WAIT_SLOW_MS, "verdict_min_fraction": rules.VERDICT_MIN_FRACTION,
+                "verdict_min_updates": rules.VERDICT_MIN_UPDATES,
                 "truncation_warn_pct": rules.TRUNCATION_WARN_PCT,
             },
             "queue_breaches": self.queue_breaches,
@@ -128,10 +129,10 @@ def _verdict(counts: Counter[str], n: int) -> Verdict:
     bad = [(c, s) for s, c in counts.items() if s != rules.HEALTHY]
     if bad:
         c, s = max(bad)
-        if c / n >= rules.VERDICT_MIN_FRACTION:
+        if c / n >= rules.VERDICT_MIN_FRACTION and c >= min(rules.VERDICT_MIN_UPDATES, n):
             return Verdict(s, f"{c} of {n} updates ({100 * c / n:.0f}%) show {s} (>= {100 * rules.VERDICT_MIN_FRACTION:.0f}%)", full)
         return Verdict(rules.HEALTHY, f"{n - sum(x for x, _ in bad)} of {n} updates healthy; outliers ({c} {s}) under "
-                       f"{100 * rules.VERDICT_MIN_FRACTION:.0f}% of updates", full)
+                       f"{100 * rules.VERDICT_MIN_FRACTION:.0f}% of updates or fewer than {rules.VERDICT_MIN_UPDATES}", full)
     return Verdict(rules.HEALTHY, f"all {n} updates under their thresholds", full)
 
 

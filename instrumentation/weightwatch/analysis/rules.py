@@ -24,6 +24,8 @@ RPC_SLOW_MS = RPC_SLOW_SECONDS * 1000.0
 CKPT_WAIT_SLOW_MS = 1000.0
 #: The run-level verdict names a bottleneck when at least this fraction of updates show it.
 VERDICT_MIN_FRACTION = 0.05
+#: ... and at least this many updates (or every update of a shorter run): one outlier in a short run is noise.
+VERDICT_MIN_UPDATES = 2
 #: Mean truncation above this percentage is flagged (RL hygiene: truncation should be near 0).
 TRUNCATION_WARN_PCT = 1.0
 
