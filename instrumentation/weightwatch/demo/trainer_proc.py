@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import signal
 import sys
@@ -59,6 +60,12 @@ class Trainer:
 
         torch.manual_seed(seed)
         torch.set_num_threads(1)  # the demo shares two cores with vLLM; one is plenty for this model
+        # On a laptop the trainer shares the CPU with the server and the orchestrator; in a real deployment it
+        # has its own GPUs. A lower priority keeps its optimizer steps from delaying the admin path.
+        try:
+            os.nice(10)
+        except OSError:
+            pass
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(str(model_dir))
         self.model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
