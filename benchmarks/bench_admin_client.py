@@ -141,10 +141,10 @@ def worker_main(a: argparse.Namespace) -> None:
 
 
 def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, int(round(q / 100.0 * len(s) + 0.5)) - 1))
-    return s[k]
+    """Percentile (q in 0..100), the analyzer's definition: linear interpolation between ranks."""
+    from weightwatch.analysis.stats import percentile
+
+    return percentile(sorted(values), q)
 
 
 def queue_values(probes: list[dict], timeout_ms: float) -> tuple[list[float], int]:
@@ -157,23 +157,6 @@ def queue_values(probes: list[dict], timeout_ms: float) -> tuple[list[float], in
             out.append(max(timeout_ms, p["wall_ms"]))
             lower_bounds += 1
     return out, lower_bounds
-
-
-def wait_ready(server, timeout: float = 900) -> None:  # type: ignore[no-untyped-def]
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    urls = [f"{server.base_url}/health", f"{server.admin_url}/health"]
-    while time.monotonic() < deadline:
-        if not server.alive():
-            raise SystemExit(f"server exited while starting:\n{server.output_tail()}")
-        try:
-            if all(httpx.get(u, timeout=2).status_code == 200 for u in urls):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"server not ready after {timeout:.0f}s:\n{server.output_tail()}")
 
 
 def cpu_snapshot(pids: list[int]) -> dict[str, float]:
@@ -317,7 +300,7 @@ def report(rows: dict[str, dict], a: argparse.Namespace, raw_tps: float | None) 
 
 def driver(a: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
-    from vllm_fixtures import start_weightwatch_server, stop_process_group
+    from vllm_fixtures import start_weightwatch_server, stop_process_group, wait_ready
     from weightwatch.inference.tiny_model import make_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="bench_admin_"))
@@ -328,7 +311,7 @@ def driver(a: argparse.Namespace) -> None:
     raw = {}
     try:
         t_start = time.monotonic()
-        wait_ready(server)
+        wait_ready(server, timeout=900)
         print(f"server ready after {time.monotonic() - t_start:.0f}s", flush=True)
         assert server.weights_root is not None
         ckpt = server.weights_root / "step_1"

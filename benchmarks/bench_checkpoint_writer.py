@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,9 +45,10 @@ def _state(mb: float):  # type: ignore[no-untyped-def]
 
 
 def _pct(values: list[float], q: float) -> float:
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+    """Percentile (q in 0..100), the analyzer's definition: linear interpolation between ranks."""
+    from weightwatch.analysis.stats import percentile
+
+    return percentile(sorted(values), q)
 
 
 def bench(sizes: list[float], repeats: int, base: Path) -> list[dict]:

@@ -39,7 +39,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from vllm_fixtures import VllmServer, start_plain_server, start_weightwatch_server  # noqa: E402
+from vllm_fixtures import VllmServer, start_plain_server, start_weightwatch_server, wait_ready  # noqa: E402
+from weightwatch.analysis.stats import percentile  # noqa: E402
 
 SERVER_ARGS = ["--max-model-len", "512", "--max-num-seqs", "256", "--disable-uvicorn-access-log"]
 
@@ -48,27 +49,8 @@ SERVER_ARGS = ["--max-model-len", "512", "--max-num-seqs", "256", "--disable-uvi
 
 
 def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def wait_ready(server: VllmServer, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    urls = [f"{server.base_url}/health"] + ([f"{server.admin_url}/health"] if server.admin_url else [])
-    while time.monotonic() < deadline:
-        if not server.alive():
-            raise RuntimeError(f"server died:\n{server.output_tail()}")
-        try:
-            if all(httpx.get(u, timeout=2).status_code == 200 for u in urls):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"server not ready:\n{server.output_tail()}")
+    """Percentile (q in 0..1), the analyzer's definition: linear interpolation between ranks."""
+    return percentile(sorted(values), q * 100) if values else float("nan")
 
 
 def lag_buckets(base_url: str) -> dict[float, float]:
