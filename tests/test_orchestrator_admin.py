@@ -78,8 +78,13 @@ def admin_app(b: Behaviour) -> Starlette:
 
         return StreamingResponse(body())
 
+    async def health(request: Request) -> Response:
+        b.requests.append({"path": request.url.path, "headers": dict(request.headers), "body": b"", "t": time.time()})
+        return JSONResponse({})
+
     return Starlette(
         routes=[
+            Route("/health", health),
             Route("/update_weights", handle, methods=["POST"]),
             Route("/reload_weights", handle, methods=["POST"]),
             Route("/stream", stream),
@@ -546,3 +551,18 @@ def test_total_timeout_while_backing_off_names_the_last_failure(tele, servers) -
     r = run(go()).servers[0]
     assert not r.ok and r.reason == "timeout" and r.attempts == 1 and len(beh.requests) == 1
     assert "last failure: http_5xx: HTTP 503" in r.error
+
+
+def test_warm_up_opens_the_connection_before_the_first_update(tele, servers) -> None:
+    """warm_up() builds the dedicated client and reaches every server; the first update then reuses it."""
+    (s1, b1), (s2, b2) = servers(), servers()
+
+    async def go() -> None:
+        async with AdminClient([s1.url, s2.url], own_loop=False) as admin:
+            await admin.warm_up()
+            assert [r["path"] for r in b1.requests] == ["/health"] and [r["path"] for r in b2.requests] == ["/health"]
+            result = await admin.reload_weights()
+            assert result.ok
+            assert [r["path"] for r in b1.requests] == ["/health", "/reload_weights"]
+
+    asyncio.run(go())

@@ -26,7 +26,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -115,23 +114,6 @@ class Orchestrator:
         resp.raise_for_status()
         return str(resp.json()["data"][0]["id"])
 
-    async def _warm_admin(self) -> None:
-        """Build the admin client and open its connection before step 0, as a long-running orchestrator has.
-
-        Otherwise the first update pays client construction (SSL context, instrumentation) and the TCP
-        connect inside its measured queue time: measured here, 300-500 ms on the first update against
-        20-40 ms after. AdminClient has no public warm-up (yet), so this reaches into it; best effort.
-        """
-        admin: Any = self.admin
-        url = str(self.args.admin_url).rstrip("/") + "/health"
-
-        async def warm() -> None:
-            await admin._http().get(url, timeout=10.0)
-
-        try:
-            await admin._run(warm())
-        except Exception as exc:  # noqa: BLE001 - only a warm-up
-            _log.info("admin warm-up skipped: %s", exc)
 
     async def _stream_one(self, prompt: str) -> tuple[str, str | None]:
         body = {"model": self.model, "prompt": prompt, "max_tokens": self.args.max_tokens, "temperature": 1.0, "stream": True,
@@ -207,7 +189,7 @@ class Orchestrator:
         self.model = await self._model_name()
         probe = start_loop_lag_probe("rl_orchestrator_event_loop_lag_seconds")
         if args.admin == "lane":
-            await self._warm_admin()
+            await self.admin.warm_up()  # open the connection before step 0, as a long-running orchestrator has it
         workers: list[asyncio.Task[None]] = []
         _log.info("orchestrator ready: model=%s admin=%s concurrency=%d pool=%d batch=%d async_level=%d",
                   self.model, args.admin, args.concurrency, args.pool_size, args.batch_size, args.async_level)

@@ -224,7 +224,26 @@ class AdminClient:
         """Tell every server to reload the model's own weights from disk."""
         return await self._run(self._fan_out("reload_weights", None, None, timeouts or self.timeouts))
 
-    async def _run(self, coro: Coroutine[Any, Any, UpdateResult]) -> UpdateResult:
+    async def warm_up(self, *, timeout: float = 10.0) -> None:
+        """Build the client and open a connection to every server (``GET /health``) before the first update.
+
+        A long-running orchestrator has its connections open; without this the first update pays client
+        construction and the TCP connect inside its queue time (measured: 300-500 ms against 20-40 ms).
+        Best effort: a server that does not answer is logged, not raised.
+        """
+
+        async def warm() -> None:
+            client = self._http()
+            results = await asyncio.gather(
+                *(client.get(server + "/health", timeout=timeout) for server in self.servers), return_exceptions=True
+            )
+            for server, r in zip(self.servers, results, strict=True):
+                if isinstance(r, BaseException):
+                    _log.info("weightwatch: admin warm-up of %s failed: %s", server, r)
+
+        await self._run(warm())
+
+    async def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         if self._admin_loop is None:
             return await coro
         return await self._admin_loop.run(coro)
