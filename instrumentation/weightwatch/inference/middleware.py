@@ -92,14 +92,15 @@ class FirstByteMiddleware:
         recv_perf = time.perf_counter()
         path = scope.get("path", "")
         lane = self.lane or ("admin" if path in self.admin_paths else "inference")
-        tid = trace_id_from_traceparent(_header(scope, b"traceparent"))
+        # Only admin requests belong to the [weights] path (their handler and server.recv read the trace
+        # id); generation requests, the hot path, skip the header scan and emit nothing, so they never
+        # look like weight updates with a missing client half to the analyzer.
+        tid = trace_id_from_traceparent(_header(scope, b"traceparent")) if lane == "admin" else None
         scope[SCOPE_RECV_WALL] = recv_t
         scope[SCOPE_RECV_PERF] = recv_perf
         scope[SCOPE_TRACE_ID] = tid
         scope[SCOPE_LANE] = lane
-        # Only admin requests are part of the [weights] path: a traced generation request must not show
-        # up in the analyzer as a weight update with a missing client half.
-        if tid is not None and lane == "admin" and path not in self.quiet_paths:
+        if tid is not None and path not in self.quiet_paths:
             events.emit("weights.server.recv", tid, path=path, t=recv_t, lane=lane)
         metrics = telemetry.get().metrics
         metrics.inc(_INFLIGHT, lane=lane)
