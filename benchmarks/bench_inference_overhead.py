@@ -5,7 +5,8 @@
 A FastAPI endpoint streams ``--chunks`` SSE chunks shaped like vLLM's completion chunks; the ASGI app is
 called directly (no sockets, no vLLM), so only the middleware's own work is measured, in process CPU time:
 bare app, with weightwatch's first-byte middleware, with OpenTelemetry's FastAPI instrumentation as the
-plugin configures it (no per-chunk spans), and with both. Variants run interleaved, several times, and
+plugin configures it (no per-chunk spans), and with both (what ``weightwatch serve`` loads: the middleware
+puts OpenTelemetry's send wrapper on the streaming fast path), also without that fast path. Variants run interleaved, several times, and
 the table shows the median per chunk and the difference to the bare app. Divide by vLLM's own API-server
 CPU per token (from bench_inference_lane.py part 2) to get the share of the front end's CPU.
 """
@@ -38,7 +39,7 @@ def build(variant: str, chunks: int) -> Any:
 
         return StreamingResponse(gen(), media_type="text/event-stream")
 
-    if variant in ("otel", "both"):
+    if variant in ("otel", "both", "both-no-fast-path"):
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
         from weightwatch.inference.plugin import OTEL_EXCLUDED
@@ -46,11 +47,11 @@ def build(variant: str, chunks: int) -> Any:
         FastAPIInstrumentor.instrument_app(
             app, tracer_provider=weightwatch.get().tracer_provider, excluded_urls=OTEL_EXCLUDED, exclude_spans=["receive", "send"]
         )
-    if variant in ("first-byte", "both"):
+    if variant in ("first-byte", "both", "both-no-fast-path"):
         from weightwatch.inference.config import ADMIN_PATHS, QUIET_PATHS
         from weightwatch.inference.middleware import wrap_outermost
 
-        wrap_outermost(app, admin_paths=ADMIN_PATHS, quiet_paths=QUIET_PATHS)
+        wrap_outermost(app, admin_paths=ADMIN_PATHS, quiet_paths=QUIET_PATHS, otel_fast_path=variant != "both-no-fast-path")
     return app
 
 
@@ -83,7 +84,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     weightwatch.setup(role="inference", registry=CollectorRegistry(), set_global_tracer_provider=False)
-    variants = ["bare", "first-byte", "otel", "both"]
+    variants = ["bare", "first-byte", "otel", "both-no-fast-path", "both"]
     apps = {v: build(v, args.chunks) for v in variants}
     results: dict[str, list[float]] = {v: [] for v in variants}
     for v in variants:
@@ -93,10 +94,10 @@ def main() -> None:
             results[v].append(asyncio.run(cpu_per_chunk(apps[v], args.requests, args.chunks)))
     base = statistics.median(results["bare"])
     print(f"{args.requests} requests x {args.chunks} chunks, {args.repeats} interleaved repeats; CPU microseconds per chunk")
-    print(f"{'variant':<12} {'median':>8} {'min':>8} {'max':>8} {'added vs bare':>14}")
+    print(f"{'variant':<18} {'median':>8} {'min':>8} {'max':>8} {'added vs bare':>14}")
     for v in variants:
         med = statistics.median(results[v])
-        print(f"{v:<12} {med:8.2f} {min(results[v]):8.2f} {max(results[v]):8.2f} {med - base:+14.2f}")
+        print(f"{v:<18} {med:8.2f} {min(results[v]):8.2f} {max(results[v]):8.2f} {med - base:+14.2f}")
 
 
 if __name__ == "__main__":

@@ -260,12 +260,17 @@ def test_config_from_env(tmp_path):
     assert c.admin_token == "s3cret" and c.admin_port == 8001 and c.weights_root == tmp_path.resolve()
     assert InferenceConfig.from_env({}).admin_token is None
     assert InferenceConfig.from_env({}).lane_dispatch == "direct"
+    assert InferenceConfig.from_env({}).engine_nice == 0  # a user's own `vllm serve` is left alone unless asked
+    assert InferenceConfig.from_env({"WEIGHTWATCH_ENGINE_NICE": "7"}).engine_nice == 7
     assert InferenceConfig.from_env({"WEIGHTWATCH_TRACE_EXCLUDE": " /v1/completions "}).trace_exclude == "/v1/completions"
     for env in [
         {"WEIGHTWATCH_ADMIN_TOKEN_FILE": str(tmp_path / "nope")},
         {"WEIGHTWATCH_ADMIN_PORT": "eighty"},
         {"WEIGHTWATCH_INJECT_RPC_DELAY_MS": "-5"},
         {"WEIGHTWATCH_LANE_DISPATCH": "sometimes"},
+        {"WEIGHTWATCH_ENGINE_NICE": "high"},
+        {"WEIGHTWATCH_ENGINE_NICE": "-5"},
+        {"WEIGHTWATCH_ENGINE_NICE": "20"},
     ]:
         with pytest.raises(ConfigError):
             InferenceConfig.from_env(env)
@@ -287,6 +292,14 @@ def test_serve_command_line(tmp_path):
     args = parser.parse_args(["--model", "m", "--admin-port", "-1"])
     _, env = serve_cli.build_command(args, {"WEIGHTWATCH_ADMIN_PORT": "5"})
     assert "WEIGHTWATCH_ADMIN_PORT" not in env
+    # engine priority: the flag wins, then the environment, then the launcher's default
+    assert env["WEIGHTWATCH_ENGINE_NICE"] == str(serve_cli.DEFAULT_ENGINE_NICE)
+    _, env = serve_cli.build_command(parser.parse_args(["--model", "m"]), {"WEIGHTWATCH_ENGINE_NICE": "3"})
+    assert env["WEIGHTWATCH_ENGINE_NICE"] == "3"
+    _, env = serve_cli.build_command(parser.parse_args(["--model", "m", "--engine-nice", "0"]), {"WEIGHTWATCH_ENGINE_NICE": "3"})
+    assert env["WEIGHTWATCH_ENGINE_NICE"] == "0"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--engine-nice", "20"])
 
 
 # --------------------------------------------------------------------------- admin handler without an engine process

@@ -289,3 +289,27 @@ def test_vllm_endpoints_lane_and_server_metrics(vllm_server, original):
         assert name in text, name
     lag_count = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("rl_event_loop_lag_seconds_count")]
     assert lag_count and lag_count[0] > 0
+
+
+def test_engine_processes_run_below_the_api_server(vllm_server):
+    """``weightwatch serve`` renices vLLM's EngineCore and workers (default 10); the API server keeps its priority."""
+    import os
+
+    from weightwatch.inference.engine_priority import descendants
+    from weightwatch.inference.serve_cli import DEFAULT_ENGINE_NICE
+
+    api = next(p for p in descendants(vllm_server.proc.pid) if b"api_server" in Path(f"/proc/{p}/cmdline").read_bytes())
+    engine = descendants(api)
+    names = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in engine}
+    assert any("EngineCore" in n for n in names.values()), names
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+
+    def nice(pid: int) -> set[int]:
+        return {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+
+    assert nice(api) == {own}
+    for pid, name in names.items():
+        if "EngineCore" in name or "Worker" in name:
+            assert min(nice(pid)) >= DEFAULT_ENGINE_NICE, (name, nice(pid))
+    # and the server still generates
+    assert _complete(vllm_server, max_tokens=4)["tokens"]

@@ -23,6 +23,7 @@ ENV_LOG_FILE = "WEIGHTWATCH_LOG_FILE"
 ENV_SPAN_FILE = "WEIGHTWATCH_SPAN_FILE"
 ENV_LANE_DISPATCH = "WEIGHTWATCH_LANE_DISPATCH"
 ENV_TRACE_EXCLUDE = "WEIGHTWATCH_TRACE_EXCLUDE"
+ENV_ENGINE_NICE = "WEIGHTWATCH_ENGINE_NICE"
 
 #: The admin paths (prime-rl's request shapes); everything else is the inference lane.
 UPDATE_PATH = "/update_weights"
@@ -49,6 +50,8 @@ class InferenceConfig:
     lane_dispatch: str = "direct"
     #: Extra comma-separated URL regexes the OTel FastAPI instrumentation leaves alone (e.g. /v1/completions).
     trace_exclude: str = ""
+    #: Nice value for vLLM's engine processes (0 leaves them alone); see engine_priority.py.
+    engine_nice: int = 0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> InferenceConfig:
@@ -82,6 +85,13 @@ class InferenceConfig:
         dispatch = (env.get(ENV_LANE_DISPATCH) or "direct").strip().lower()
         if dispatch not in ("direct", "coroutine"):
             raise ConfigError(f"{ENV_LANE_DISPATCH}={dispatch!r} must be direct or coroutine")
+        nice_raw = (env.get(ENV_ENGINE_NICE) or "0").strip()
+        try:
+            engine_nice = int(nice_raw)
+        except ValueError as exc:
+            raise ConfigError(f"{ENV_ENGINE_NICE}={nice_raw!r} is not an integer") from exc
+        if not 0 <= engine_nice <= 19:
+            raise ConfigError(f"{ENV_ENGINE_NICE}={engine_nice} must be between 0 (leave alone) and 19")
         weights_root = Path(root).resolve() if root else None
         if weights_root is not None and not weights_root.is_dir():
             _log.warning("weightwatch: %s=%s does not exist (yet); updates fail until it does", ENV_WEIGHTS_ROOT, weights_root)
@@ -95,4 +105,5 @@ class InferenceConfig:
             span_file=Path(env[ENV_SPAN_FILE]) if env.get(ENV_SPAN_FILE) else None,
             lane_dispatch=dispatch,
             trace_exclude=(env.get(ENV_TRACE_EXCLUDE) or "").strip(),
+            engine_nice=engine_nice,
         )

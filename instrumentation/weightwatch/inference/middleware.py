@@ -110,16 +110,20 @@ class FirstByteMiddleware:
             metrics.dec(_INFLIGHT, lane=lane)
 
 
-def wrap_outermost(app: Any, **kwargs: Any) -> None:
+def wrap_outermost(app: Any, *, otel_fast_path: bool = True, **kwargs: Any) -> None:
     """Put FirstByteMiddleware outside every other middleware of a Starlette/FastAPI ``app``.
 
     ``add_middleware`` would place it inside middleware added later (vLLM adds CORS and others after
     plugins run, and OTel wraps the whole stack); wrapping ``build_middleware_stack`` makes it the
-    first code that sees a request.
+    first code that sees a request. OpenTelemetry's middleware, if any, gets the streaming fast path
+    (``otel_stream_fastpath``).
     """
+    from weightwatch.inference import otel_stream_fastpath
+
     original = app.build_middleware_stack
 
     def build_middleware_stack() -> Any:
-        return FirstByteMiddleware(original(), **kwargs)
+        stack = original()
+        return FirstByteMiddleware(otel_stream_fastpath.install(stack) if otel_fast_path else stack, **kwargs)
 
     app.build_middleware_stack = build_middleware_stack

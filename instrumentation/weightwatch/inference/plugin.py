@@ -7,7 +7,8 @@ Loaded by vLLM's own OpenAI server (``vllm serve`` or ``weightwatch serve``), it
   route of the same path, as the endpoint-plugin contract says);
 * OpenTelemetry's FastAPI instrumentation (health and metrics paths excluded) on weightwatch's tracer provider;
 * weightwatch's metrics on vLLM's ``/metrics`` (the default Prometheus registry vLLM serves);
-* the event-loop lag probe, and the admin lane listener when ``WEIGHTWATCH_ADMIN_PORT`` is set.
+* the event-loop lag probe, and the admin lane listener when ``WEIGHTWATCH_ADMIN_PORT`` is set;
+* with ``WEIGHTWATCH_ENGINE_NICE=N``, vLLM's engine processes at nice N (engine_priority.py).
 
 Telemetry failures are logged, never raised: the server must come up even if, say, the span file
 cannot be written.
@@ -115,6 +116,13 @@ class WeightwatchPlugin:
             _log.warning("weightwatch: cannot start the event-loop lag probe", exc_info=True)
         state.weightwatch = self
         assert self.config is not None
+        if self.config.engine_nice > 0:
+            try:
+                from weightwatch.inference.engine_priority import lower_engine_priority
+
+                lower_engine_priority(self.config.engine_nice)
+            except Exception:  # noqa: BLE001 - a scheduling nicety, never a reason to stop serving
+                _log.warning("weightwatch: cannot lower the engine processes' priority", exc_info=True)
         if self.config.admin_port is not None:
             self._start_lane(engine_client)
 

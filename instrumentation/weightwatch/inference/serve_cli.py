@@ -1,7 +1,7 @@
 """Start vLLM's OpenAI server with weightwatch loaded (plugin, middleware, admin API and lane, metrics).
 
     weightwatch serve --model PATH [--host H] [--port P] [--admin-port P] [--weights-root DIR]
-                      [--log-file F] [--span-file F] [-- extra vLLM args]
+                      [--log-file F] [--span-file F] [--engine-nice N] [-- extra vLLM args]
 
 It runs ``python -m vllm.entrypoints.openai.api_server`` as a child with ``VLLM_PLUGINS`` including
 ``weightwatch`` and the WEIGHTWATCH_* settings in its environment, forwards SIGINT/SIGTERM, and exits
@@ -24,6 +24,9 @@ from pathlib import Path
 
 from weightwatch.inference import config as cfg
 
+#: Engine processes' nice value under ``weightwatch serve`` (docs/inference.md, "CPU priority").
+DEFAULT_ENGINE_NICE = 10
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (or name) for vLLM")
@@ -42,6 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-token-file", type=Path, default=None, help="file holding the Bearer token for admin endpoints")
     parser.add_argument("--log-file", type=Path, default=None, help="append weightwatch's event lines here (WEIGHTWATCH_LOG_FILE)")
     parser.add_argument("--span-file", type=Path, default=None, help="write finished spans here as JSON lines (WEIGHTWATCH_SPAN_FILE)")
+    parser.add_argument(
+        "--engine-nice",
+        type=int,
+        default=None,
+        choices=range(0, 20),
+        metavar="N",
+        help="nice value (0-19) for vLLM's engine processes, so the API server and admin lane get the CPU first "
+        f"when the host is saturated (default: ${cfg.ENV_ENGINE_NICE} or {DEFAULT_ENGINE_NICE}; 0 leaves them alone)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the command and environment, do not start")
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: extra arguments for vLLM's server")
 
@@ -95,6 +107,10 @@ def build_command(args: argparse.Namespace, env: dict[str, str]) -> tuple[list[s
         child_env[cfg.ENV_ADMIN_HOST] = args.admin_host or args.host
     else:
         child_env.pop(cfg.ENV_ADMIN_PORT, None)
+    if getattr(args, "engine_nice", None) is not None:
+        child_env[cfg.ENV_ENGINE_NICE] = str(args.engine_nice)
+    else:
+        child_env.setdefault(cfg.ENV_ENGINE_NICE, str(DEFAULT_ENGINE_NICE))
     if args.weights_root is not None:
         child_env[cfg.ENV_WEIGHTS_ROOT] = str(args.weights_root.resolve())
     if args.admin_token_file is not None:
