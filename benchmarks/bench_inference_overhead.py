@@ -9,14 +9,18 @@ plugin configures it (no per-chunk spans), and with both (what ``weightwatch ser
 puts OpenTelemetry's send wrapper on the streaming fast path), also without that fast path. Variants run interleaved, several times, and
 the table shows the median per chunk and the difference to the bare app. Divide by vLLM's own API-server
 CPU per token (from bench_inference_lane.py part 2) to get the share of the front end's CPU.
+Prints the table and writes it to benchmarks/results/inference_overhead.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -82,6 +86,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--chunks", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "inference_overhead.md")
     args = p.parse_args()
     weightwatch.setup(role="inference", registry=CollectorRegistry(), set_global_tracer_provider=False)
     variants = ["bare", "first-byte", "otel", "both-no-fast-path", "both"]
@@ -93,11 +98,23 @@ def main() -> None:
         for v in variants:
             results[v].append(asyncio.run(cpu_per_chunk(apps[v], args.requests, args.chunks)))
     base = statistics.median(results["bare"])
-    print(f"{args.requests} requests x {args.chunks} chunks, {args.repeats} interleaved repeats; CPU microseconds per chunk")
-    print(f"{'variant':<18} {'median':>8} {'min':>8} {'max':>8} {'added vs bare':>14}")
+    lines = [
+        "# Server-side instrumentation: CPU per streamed chunk",
+        "",
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, {os.cpu_count()} cores. "
+        f"`python benchmarks/bench_inference_overhead.py --requests {args.requests} --chunks {args.chunks} --repeats {args.repeats}`: "
+        f"{args.requests} requests x {args.chunks} chunks, {args.repeats} interleaved repeats; process CPU microseconds per chunk.",
+        "",
+        "| variant | median | min | max | added vs bare |",
+        "|---|---|---|---|---|",
+    ]
     for v in variants:
         med = statistics.median(results[v])
-        print(f"{v:<18} {med:8.2f} {min(results[v]):8.2f} {max(results[v]):8.2f} {med - base:+14.2f}")
+        lines.append(f"| {v} | {med:.2f} | {min(results[v]):.2f} | {max(results[v]):.2f} | {med - base:+.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -291,25 +291,25 @@ def test_vllm_endpoints_lane_and_server_metrics(vllm_server, original):
     assert lag_count and lag_count[0] > 0
 
 
-def test_engine_processes_run_below_the_api_server(vllm_server):
-    """``weightwatch serve`` renices vLLM's EngineCore and workers (default 10); the API server keeps its priority."""
+def test_engine_processes_keep_their_priority_unless_asked(vllm_server):
+    """Engine renicing is opt-in (``--engine-nice``): by default vLLM's EngineCore and workers run at the API server's priority."""
     import os
 
     from weightwatch.inference.engine_priority import descendants
-    from weightwatch.inference.serve_cli import DEFAULT_ENGINE_NICE
 
     api = next(p for p in descendants(vllm_server.proc.pid) if b"api_server" in Path(f"/proc/{p}/cmdline").read_bytes())
     engine = descendants(api)
     names = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in engine}
-    assert any("EngineCore" in n for n in names.values()), names
-    own = os.getpriority(os.PRIO_PROCESS, 0)
+    # /proc/PID/comm is cut at 15 characters: "VLLM::EngineCore" reads "VLLM::EngineCor"
+    assert any("EngineCor" in n for n in names.values()), names
 
     def nice(pid: int) -> set[int]:
         return {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")}
 
-    assert nice(api) == {own}
+    api_nice = nice(api)
+    assert len(api_nice) == 1
     for pid, name in names.items():
-        if "EngineCore" in name or "Worker" in name:
-            assert min(nice(pid)) >= DEFAULT_ENGINE_NICE, (name, nice(pid))
+        if "EngineCor" in name or "Worker" in name:
+            assert nice(pid) == api_nice, (name, nice(pid), api_nice)
     # and the server still generates
     assert _complete(vllm_server, max_tokens=4)["tokens"]

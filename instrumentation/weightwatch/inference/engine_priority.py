@@ -5,7 +5,9 @@ are always runnable, because between steps they spin on their shared-memory queu
 for up to a second after each message). The API server then waits on the run queue for almost half of
 the time it wants the CPU, and an admin request that reaches the lane waits with it. At a higher nice
 value the spinning processes still take every cycle nobody else wants, but the API server runs as soon
-as it has work: the lane answers, and generation output is turned into chunks sooner.
+as it has work, and the admin tail shortens. It costs tokens/s (the engine loses the CPU to the API
+server and everything else on the host), so it is opt-in (``--engine-nice``); docs/inference.md has both
+sides measured.
 
 Only ever lowers priority (a larger nice value), which needs no privileges; never touches the API
 server's own threads.

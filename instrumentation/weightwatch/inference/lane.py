@@ -176,8 +176,45 @@ def build_lane_app(service: AdminService, engine: EngineCalls) -> FastAPI:
     return app
 
 
+def _quiet_server(config: Any) -> Any:
+    """A uvicorn server whose loop sleeps while idle.
+
+    uvicorn's main loop wakes every 100 ms to poll ``should_exit`` and refresh the Date header. Inside the
+    API server process every wakeup takes the GIL from vLLM's main loop, and on a CPU-saturated host the
+    handover costs that loop milliseconds while the lane thread waits for a core: with 256 streams on
+    2 cores, a lane that did nothing cost about 4 % of tokens/s (docs/inference.md, Instrumentation cost).
+    This one waits until ``stop()`` wakes it. Date headers are off, since nothing would refresh them.
+    """
+    import uvicorn
+
+    class QuietServer(uvicorn.Server):
+        def __init__(self, config: Any) -> None:
+            super().__init__(config)
+            self._wake: asyncio.Event | None = None
+            self._loop: asyncio.AbstractEventLoop | None = None
+
+        async def main_loop(self) -> None:
+            self._wake = asyncio.Event()
+            self._loop = asyncio.get_running_loop()
+            await self.on_tick(0)  # default headers, once
+            while not self.should_exit:
+                await self._wake.wait()
+                self._wake.clear()
+
+        def request_exit(self) -> None:
+            self.should_exit = True
+            loop, wake = self._loop, self._wake
+            if loop is not None and wake is not None and not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(wake.set)
+                except RuntimeError:  # the loop closed meanwhile
+                    pass
+
+    return QuietServer(config)
+
+
 class AdminLane:
-    """Runs the lane's uvicorn server in a daemon thread with its own event loop."""
+    """Runs the lane's uvicorn server in a daemon thread with its own event loop (idle: asleep)."""
 
     def __init__(self, app: FastAPI, host: str, port: int):
         self.app, self.host, self.port = app, host, port
@@ -197,8 +234,8 @@ class AdminLane:
         sock.bind((self.host, self.port))  # bind here so a busy port fails loudly in the caller
         sock.listen(2048)
         self.port = int(sock.getsockname()[1])
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=300)
-        self._server = uvicorn.Server(config)
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=300, date_header=False)
+        self._server = _quiet_server(config)
 
         def run() -> None:
             loop = asyncio.new_event_loop()
@@ -218,8 +255,13 @@ class AdminLane:
         self._started.wait(timeout)
         return self.port
 
+    @property
+    def native_id(self) -> int | None:
+        """The lane thread's OS thread id (for /proc and profilers)."""
+        return self._thread.native_id if self._thread is not None else None
+
     def stop(self, timeout: float = 5.0) -> None:
         if self._server is not None:
-            self._server.should_exit = True
+            self._server.request_exit()
         if self._thread is not None:
             self._thread.join(timeout)

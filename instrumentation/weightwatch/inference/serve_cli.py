@@ -24,8 +24,9 @@ from pathlib import Path
 
 from weightwatch.inference import config as cfg
 
-#: Engine processes' nice value under ``weightwatch serve`` (docs/inference.md, "CPU priority").
-DEFAULT_ENGINE_NICE = 10
+#: Engine processes' nice value under ``weightwatch serve``: 0 leaves them alone. Opt in with --engine-nice; it
+#: trades tokens/s for the admin tail (docs/inference.md, "CPU priority", has both sides measured).
+DEFAULT_ENGINE_NICE = 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,8 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=range(0, 20),
         metavar="N",
-        help="nice value (0-19) for vLLM's engine processes, so the API server and admin lane get the CPU first "
-        f"when the host is saturated (default: ${cfg.ENV_ENGINE_NICE} or {DEFAULT_ENGINE_NICE}; 0 leaves them alone)",
+        help="opt in: nice value (1-19) for vLLM's engine processes, so the API server and admin lane get the CPU first "
+        "on a saturated host, at a cost in tokens/s (docs/inference.md, CPU priority) "
+        f"(default: ${cfg.ENV_ENGINE_NICE} or {DEFAULT_ENGINE_NICE}; 0 leaves them alone)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the command and environment, do not start")
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: extra arguments for vLLM's server")
