@@ -104,8 +104,14 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _inherit_ignored_sigint() -> None:  # runs in the child before exec: what a parent can leave behind
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
 @pytest.mark.binaries
-def test_cli_runs_both_binaries_scrapes_a_real_process_and_stops_on_ctrl_c(tmp_path):
+@pytest.mark.parametrize("inherited", ["default", "sigint-ignored-and-blocked"])
+def test_cli_runs_both_binaries_scrapes_a_real_process_and_stops_on_ctrl_c(tmp_path, inherited):
     require_binary("prometheus")
     require_binary("prometheus-alertmanager")
     workload = Workload("inference-0:8001", 0.05)
@@ -116,6 +122,7 @@ def test_cli_runs_both_binaries_scrapes_a_real_process_and_stops_on_ctrl_c(tmp_p
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_inherit_ignored_sigint if inherited != "default" else None,
     )
     try:
         assert proc.stdout is not None

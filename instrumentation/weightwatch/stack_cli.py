@@ -389,6 +389,10 @@ def run(args: argparse.Namespace) -> int:
         stopping = True
 
     previous = signal.signal(signal.SIGTERM, _on_term)
+    # "Ctrl-C stops both" must hold whatever this process inherited: a parent may have left SIGINT ignored
+    # or blocked (both survive exec), and then Python never raises KeyboardInterrupt.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     print(f"Prometheus    {stack.prometheus_url}   (targets: {stack.prometheus_url}/targets, alerts: {stack.prometheus_url}/alerts)")
     print(f"Alertmanager  {stack.alertmanager_url}")
     print(f"configs, data and logs in {work_dir}; Ctrl-C stops both")
@@ -406,5 +410,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stack.stop()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         print("stopped Prometheus and Alertmanager")
     return code
