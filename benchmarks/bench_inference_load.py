@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import time
 from urllib.parse import urlsplit
 
@@ -28,14 +29,14 @@ class Counters:
         self.counting = False
 
 
-async def _worker(host: str, port: int, request: bytes, c: Counters, stop: asyncio.Event) -> None:
+async def _worker(host: str, port: int, requests: list[bytes], c: Counters, stop: asyncio.Event, rng: random.Random) -> None:
     reader = writer = None
     while not stop.is_set():
         try:
             if writer is None:
                 reader, writer = await asyncio.open_connection(host, port)
             assert reader is not None
-            writer.write(request)
+            writer.write(rng.choice(requests))
             await writer.drain()
             status = await reader.readline()
             if b" 200 " not in status:
@@ -75,19 +76,45 @@ async def _worker(host: str, port: int, request: bytes, c: Counters, stop: async
         writer.close()
 
 
-async def run_load(url: str, model: str, streams: int, duration: float, warmup: float, max_tokens: int) -> dict:
+#: Sent with --traceparent: every completion joins one (sampled) trace, as when the caller's client is traced.
+TRACEPARENT = "00-5e1f0c2b9a8d4e6f8a7b6c5d4e3f2a1b-1a2b3c4d5e6f7a8b-01"
+
+
+async def run_load(
+    url: str,
+    model: str,
+    streams: int,
+    duration: float,
+    warmup: float,
+    max_tokens: int,
+    traceparent: bool = False,
+    spread: float = 0.0,
+    seed: int = 0,
+) -> dict:
+    """``spread`` > 0 draws each completion's length uniformly from max_tokens * (1 +- spread) (same mean): with
+    every stream the same length, all streams end together and restart together, and tokens/s in a window
+    depends on where in that wave the window falls."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    body = json.dumps(
-        {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 1.0, "ignore_eos": True, "stream": True}
-    ).encode()
-    request = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
-    ).encode() + body
+    lengths = sorted({max(1, round(max_tokens * (1 + spread * (2 * i / 15 - 1)))) for i in range(16)}) if spread > 0 else [max_tokens]
+    requests = []
+    for n in lengths:
+        body = json.dumps(
+            {"model": model, "prompt": "Once upon a time", "max_tokens": n, "temperature": 1.0, "ignore_eos": True, "stream": True}
+        ).encode()
+        requests.append(
+            (
+                f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n"
+                + (f"traceparent: {TRACEPARENT}\r\n" if traceparent else "")
+                + "\r\n"
+            ).encode()
+            + body
+        )
     c = Counters()
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(_worker(host, port, request, c, stop)) for _ in range(streams)]
+    rng = random.Random(seed)
+    tasks = [asyncio.create_task(_worker(host, port, requests, c, stop, random.Random(rng.random()))) for _ in range(streams)]
     await asyncio.sleep(warmup)
     c.counting = True
     t0 = time.perf_counter()
@@ -116,6 +143,8 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--warmup", type=float, default=10.0)
     p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--spread", type=float, default=0.0, help="completion lengths uniform in max_tokens * (1 +- spread)")
+    p.add_argument("--traceparent", action="store_true", help="send a W3C traceparent with every completion")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     try:
@@ -124,7 +153,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    result = asyncio.run(run_load(a.url, a.model, a.streams, a.duration, a.warmup, a.max_tokens))
+    result = asyncio.run(run_load(a.url, a.model, a.streams, a.duration, a.warmup, a.max_tokens, a.traceparent, a.spread))
     with open(a.out, "w") as fh:
         json.dump(result, fh)
 

@@ -263,7 +263,10 @@ def test_config_from_env(tmp_path):
     assert InferenceConfig.from_env({}).engine_nice == 0  # a user's own `vllm serve` is left alone unless asked
     assert InferenceConfig.from_env({"WEIGHTWATCH_ENGINE_NICE": "7"}).engine_nice == 7
     assert InferenceConfig.from_env({"WEIGHTWATCH_TRACE_EXCLUDE": " /v1/completions "}).trace_exclude == "/v1/completions"
+    assert InferenceConfig.from_env({}).trace_generation == "parent"
+    assert InferenceConfig.from_env({"WEIGHTWATCH_TRACE_GENERATION": " ALL "}).trace_generation == "all"
     for env in [
+        {"WEIGHTWATCH_TRACE_GENERATION": "sometimes"},
         {"WEIGHTWATCH_ADMIN_TOKEN_FILE": str(tmp_path / "nope")},
         {"WEIGHTWATCH_ADMIN_PORT": "eighty"},
         {"WEIGHTWATCH_INJECT_RPC_DELAY_MS": "-5"},
@@ -300,6 +303,15 @@ def test_serve_command_line(tmp_path):
     assert env["WEIGHTWATCH_ENGINE_NICE"] == "0"
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "m", "--engine-nice", "20"])
+    # generation tracing: the flag wins over the environment, which is passed through untouched otherwise
+    _, env = serve_cli.build_command(
+        parser.parse_args(["--model", "m", "--trace-generation", "off"]), {"WEIGHTWATCH_TRACE_GENERATION": "all"}
+    )
+    assert env["WEIGHTWATCH_TRACE_GENERATION"] == "off"
+    _, env = serve_cli.build_command(parser.parse_args(["--model", "m"]), {"WEIGHTWATCH_TRACE_GENERATION": "all"})
+    assert env["WEIGHTWATCH_TRACE_GENERATION"] == "all"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--trace-generation", "sometimes"])
 
 
 # --------------------------------------------------------------------------- admin handler without an engine process

@@ -163,6 +163,31 @@ def _bad_dirs(server) -> dict[str, Path]:
     return made
 
 
+def test_generation_requests_are_traced_when_their_caller_is(vllm_server, original):
+    """Default policy: a completion that arrives with a traceparent gets a server span under the caller's span;
+    one without gets none (and is served the same)."""
+    traced_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+    body = {"model": vllm_server.model_name, "prompt": PROMPT, "max_tokens": 12, "temperature": 0.0, "stream": True}
+    with httpx.stream(
+        "POST", f"{vllm_server.base_url}/v1/completions", json=body, headers={"traceparent": f"00-{traced_id}-{parent_id}-01"}, timeout=60
+    ) as resp:
+        assert resp.status_code == 200
+        streamed = [line for line in resp.iter_lines() if line.startswith("data: {")]
+    assert len(streamed) >= 12
+    spans = _read_spans(vllm_server.span_path, traced_id, {"POST /v1/completions"})
+    server_span = spans["POST /v1/completions"]
+    assert server_span["kind"] == "server" and server_span["parent_span_id"] == parent_id
+    assert server_span["attributes"]["http.status_code"] == 200
+
+    before = vllm_server.span_path.read_text().count('"POST /v1/completions"')
+    assert _complete(vllm_server) == original  # no traceparent: served as always, not traced
+    # A later traced request (whose span we wait for) proves the exporter flushed everything before it.
+    marker_id = secrets.token_hex(16)
+    httpx.get(f"{vllm_server.base_url}/v1/models", headers={"traceparent": f"00-{marker_id}-{secrets.token_hex(8)}-01"}, timeout=30)
+    _read_spans(vllm_server.span_path, marker_id, {"GET /v1/models"})
+    assert vllm_server.span_path.read_text().count('"POST /v1/completions"') == before
+
+
 def test_bad_inputs_get_their_status_and_completions_keep_working(vllm_server, original):
     bad = _bad_dirs(vllm_server)
     url = f"{vllm_server.base_url}/update_weights"

@@ -24,6 +24,10 @@ ENV_SPAN_FILE = "WEIGHTWATCH_SPAN_FILE"
 ENV_LANE_DISPATCH = "WEIGHTWATCH_LANE_DISPATCH"
 ENV_TRACE_EXCLUDE = "WEIGHTWATCH_TRACE_EXCLUDE"
 ENV_ENGINE_NICE = "WEIGHTWATCH_ENGINE_NICE"
+ENV_TRACE_GENERATION = "WEIGHTWATCH_TRACE_GENERATION"
+#: Which generation (inference-lane) requests get OpenTelemetry server spans: those whose caller sent a valid
+#: ``traceparent`` ("parent", the default), all of them ("all"), or none ("off"). Admin requests always do.
+TRACE_GENERATION_POLICIES = ("parent", "all", "off")
 
 #: The admin paths (prime-rl's request shapes); everything else is the inference lane.
 UPDATE_PATH = "/update_weights"
@@ -52,6 +56,8 @@ class InferenceConfig:
     trace_exclude: str = ""
     #: Nice value for vLLM's engine processes (0 leaves them alone); see engine_priority.py.
     engine_nice: int = 0
+    #: Generation requests with server spans: "parent" (only those whose caller sent a traceparent), "all", "off".
+    trace_generation: str = "parent"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> InferenceConfig:
@@ -92,6 +98,9 @@ class InferenceConfig:
             raise ConfigError(f"{ENV_ENGINE_NICE}={nice_raw!r} is not an integer") from exc
         if not 0 <= engine_nice <= 19:
             raise ConfigError(f"{ENV_ENGINE_NICE}={engine_nice} must be between 0 (leave alone) and 19")
+        trace_generation = (env.get(ENV_TRACE_GENERATION) or "parent").strip().lower()
+        if trace_generation not in TRACE_GENERATION_POLICIES:
+            raise ConfigError(f"{ENV_TRACE_GENERATION}={trace_generation!r} must be one of {', '.join(TRACE_GENERATION_POLICIES)}")
         weights_root = Path(root).resolve() if root else None
         if weights_root is not None and not weights_root.is_dir():
             _log.warning("weightwatch: %s=%s does not exist (yet); updates fail until it does", ENV_WEIGHTS_ROOT, weights_root)
@@ -106,4 +115,5 @@ class InferenceConfig:
             lane_dispatch=dispatch,
             trace_exclude=(env.get(ENV_TRACE_EXCLUDE) or "").strip(),
             engine_nice=engine_nice,
+            trace_generation=trace_generation,
         )

@@ -14,6 +14,8 @@ from typing import Any
 
 from weightwatch import events, telemetry
 from weightwatch.catalogue import LANES
+from weightwatch.inference.config import TRACE_GENERATION_POLICIES
+from weightwatch.inference.otel_stream_fastpath import SCOPE_UNTRACED
 
 Scope = dict[str, Any]
 ASGIApp = Callable[..., Any]
@@ -63,6 +65,8 @@ class FirstByteMiddleware:
 
     ``admin_paths`` decide the lane; ``quiet_paths`` (health checks, scrapes) are counted but emit
     nothing. ``lane`` forces every request onto one lane (the separate admin listener).
+    ``trace_generation`` (one of TRACE_GENERATION_POLICIES) marks the generation requests that should skip
+    OpenTelemetry; the fast path installed by ``wrap_outermost`` acts on the mark.
     """
 
     def __init__(
@@ -72,9 +76,13 @@ class FirstByteMiddleware:
         admin_paths: Iterable[str] = (),
         quiet_paths: Iterable[str] = (),
         lane: str | None = None,
+        trace_generation: str = "all",
     ) -> None:
         if lane is not None and lane not in LANES:
             raise ValueError(f"lane must be one of {LANES}, got {lane!r}")
+        if trace_generation not in TRACE_GENERATION_POLICIES:
+            raise ValueError(f"trace_generation must be one of {TRACE_GENERATION_POLICIES}, got {trace_generation!r}")
+        self.trace_generation = trace_generation
         self.app = app
         self.admin_paths = frozenset(admin_paths)
         self.quiet_paths = frozenset(quiet_paths)
@@ -95,7 +103,15 @@ class FirstByteMiddleware:
         # Only admin requests belong to the [weights] path (their handler and server.recv read the trace
         # id); generation requests, the hot path, skip the header scan and emit nothing, so they never
         # look like weight updates with a missing client half to the analyzer.
-        tid = trace_id_from_traceparent(_header(scope, b"traceparent")) if lane == "admin" else None
+        tid = None
+        if lane == "admin":
+            tid = trace_id_from_traceparent(_header(scope, b"traceparent"))
+        elif self.trace_generation == "off" or (
+            self.trace_generation == "parent" and trace_id_from_traceparent(_header(scope, b"traceparent")) is None
+        ):
+            # No caller's trace to join: a root span per generation request is noise in the trace store and
+            # costs the front end ~100 us of CPU per request (docs/inference.md, Instrumentation cost).
+            scope[SCOPE_UNTRACED] = True
         scope[SCOPE_RECV_WALL] = recv_t
         scope[SCOPE_RECV_PERF] = recv_perf
         scope[SCOPE_TRACE_ID] = tid
@@ -115,8 +131,9 @@ def wrap_outermost(app: Any, *, otel_fast_path: bool = True, **kwargs: Any) -> N
 
     ``add_middleware`` would place it inside middleware added later (vLLM adds CORS and others after
     plugins run, and OTel wraps the whole stack); wrapping ``build_middleware_stack`` makes it the
-    first code that sees a request. OpenTelemetry's middleware, if any, gets the streaming fast path
-    (``otel_stream_fastpath``).
+    first code that sees a request. OpenTelemetry's middleware, if any, gets the fast path
+    (``otel_stream_fastpath``): streamed chunks skip its wrappers, untraced requests skip it entirely. Without
+    the fast path every request is traced, whatever ``trace_generation`` says.
     """
     from weightwatch.inference import otel_stream_fastpath
 

@@ -6,6 +6,7 @@ Loaded by vLLM's own OpenAI server (``vllm serve`` or ``weightwatch serve``), it
 * the admin routes ``POST /update_weights`` and ``POST /reload_weights`` (replacing vLLM's dev-mode
   route of the same path, as the endpoint-plugin contract says);
 * OpenTelemetry's FastAPI instrumentation (health and metrics paths excluded) on weightwatch's tracer provider;
+  generation requests get server spans when their caller sent a ``traceparent`` (WEIGHTWATCH_TRACE_GENERATION);
 * weightwatch's metrics on vLLM's ``/metrics`` (the default Prometheus registry vLLM serves);
 * the event-loop lag probe, and the admin lane listener when ``WEIGHTWATCH_ADMIN_PORT`` is set;
 * with ``WEIGHTWATCH_ENGINE_NICE=N``, vLLM's engine processes at nice N (engine_priority.py).
@@ -67,7 +68,12 @@ class WeightwatchPlugin:
         app.include_router(build_router(self.service, lambda: self.engine_calls))
         app.include_router(build_metrics_router())
         self._instrument(app)
-        wrap_outermost(app, admin_paths=ADMIN_PATHS | {"/weightwatch/ping", "/weightwatch/engine_ping"}, quiet_paths=QUIET_PATHS)
+        wrap_outermost(
+            app,
+            admin_paths=ADMIN_PATHS | {"/weightwatch/ping", "/weightwatch/engine_ping"},
+            quiet_paths=QUIET_PATHS,
+            trace_generation=self.config.trace_generation,
+        )
         if self.config.weights_root is None:
             _log.warning("weightwatch: WEIGHTWATCH_WEIGHTS_ROOT is not set; /update_weights accepts any directory with safetensors")
         if self.config.admin_token is None:

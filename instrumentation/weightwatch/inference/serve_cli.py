@@ -1,7 +1,8 @@
 """Start vLLM's OpenAI server with weightwatch loaded (plugin, middleware, admin API and lane, metrics).
 
     weightwatch serve --model PATH [--host H] [--port P] [--admin-port P] [--weights-root DIR]
-                      [--log-file F] [--span-file F] [--engine-nice N] [-- extra vLLM args]
+                      [--log-file F] [--span-file F] [--engine-nice N] [--trace-generation parent|all|off]
+                      [-- extra vLLM args]
 
 It runs ``python -m vllm.entrypoints.openai.api_server`` as a child with ``VLLM_PLUGINS`` including
 ``weightwatch`` and the WEIGHTWATCH_* settings in its environment, forwards SIGINT/SIGTERM, and exits
@@ -55,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="opt in: nice value (1-19) for vLLM's engine processes, so the API server and admin lane get the CPU first "
         "on a saturated host, at a cost in tokens/s (docs/inference.md, CPU priority) "
         f"(default: ${cfg.ENV_ENGINE_NICE} or {DEFAULT_ENGINE_NICE}; 0 leaves them alone)",
+    )
+    parser.add_argument(
+        "--trace-generation",
+        choices=cfg.TRACE_GENERATION_POLICIES,
+        default=None,
+        help="which generation requests get OpenTelemetry server spans: parent (those that arrive with a traceparent), "
+        f"all, or off; admin requests always do (default: ${cfg.ENV_TRACE_GENERATION} or parent)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the command and environment, do not start")
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: extra arguments for vLLM's server")
@@ -113,6 +121,8 @@ def build_command(args: argparse.Namespace, env: dict[str, str]) -> tuple[list[s
         child_env[cfg.ENV_ENGINE_NICE] = str(args.engine_nice)
     else:
         child_env.setdefault(cfg.ENV_ENGINE_NICE, str(DEFAULT_ENGINE_NICE))
+    if getattr(args, "trace_generation", None) is not None:
+        child_env[cfg.ENV_TRACE_GENERATION] = args.trace_generation
     if args.weights_root is not None:
         child_env[cfg.ENV_WEIGHTS_ROOT] = str(args.weights_root.resolve())
     if args.admin_token_file is not None:
