@@ -496,7 +496,11 @@ def report(res: dict, args: argparse.Namespace) -> str:
             "",
             "## Generation throughput with and without weightwatch",
             "",
-            *([f"Run {res['part2']['run_at']} (`--skip-lane --skip-nice --rounds {len(rows)}`).", ""] if res["part2"].get("run_at") else []),
+            *(
+                [f"Run {res['part2']['run_at']} (`--skip-lane --skip-nice --rounds {len(rows)}`).", ""]
+                if res["part2"].get("run_at")
+                else []
+            ),
             *(
                 [
                     "Three servers are up (plain vLLM twice, weightwatch once); in each round each window in turn gets the same",
