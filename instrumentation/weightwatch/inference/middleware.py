@@ -101,8 +101,8 @@ class FirstByteMiddleware:
         path = scope.get("path", "")
         lane = self.lane or ("admin" if path in self.admin_paths else "inference")
         # Only admin requests belong to the [weights] path (their handler and server.recv read the trace
-        # id); generation requests, the hot path, skip the header scan and emit nothing, so they never
-        # look like weight updates with a missing client half to the analyzer.
+        # id); generation requests emit nothing, so they never look like weight updates with a missing
+        # client half to the analyzer. Their traceparent only decides whether OpenTelemetry sees them.
         tid = None
         if lane == "admin":
             tid = trace_id_from_traceparent(_header(scope, b"traceparent"))
