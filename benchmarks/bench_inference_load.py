@@ -1,14 +1,19 @@
 """A lean streaming load generator: N concurrent streaming /v1/completions, in its own process.
 
-Raw asyncio streams and no JSON parsing (it counts SSE ``data:`` events), so on a 2-core machine the
-client costs as little CPU as possible and the server's behaviour is what gets measured. Each of the N
+Raw asyncio streams and no JSON parsing, so on a 2-core machine the client costs as little CPU as possible and
+the server's behaviour is what gets measured. Tokens are counted exactly: each request asks for vLLM's
+continuous usage stats and the generator reads the running ``completion_tokens`` from each chunk. (Counting SSE
+events is not the same: when the API server falls behind the engine, vLLM merges several tokens into one event,
+so a slower front end shows fewer events for the same tokens.) Events are counted too. Each of the N
 workers keeps one keep-alive connection and sends a new completion as soon as the last one ends.
 
     python benchmarks/bench_inference_load.py --url http://127.0.0.1:8000 --model DIR --streams 256 \
         --duration 60 --out load.json
 
 Writes {"tokens": ..., "seconds": ..., "tokens_per_s": ..., "completions": ..., "errors": ...} for the
-measurement window (after --warmup seconds).
+measurement window (after --warmup seconds). With ``--ticks FILE`` it also appends ``unix_time tokens completions
+errors`` (cumulative since the warm-up ended) every ``--tick-every`` seconds, so one long run can be cut into
+windows afterwards (bench_inference_ab.py).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import time
 from urllib.parse import urlsplit
 
@@ -24,9 +30,13 @@ from urllib.parse import urlsplit
 class Counters:
     def __init__(self) -> None:
         self.tokens = 0
+        self.events = 0
         self.completions = 0
         self.errors = 0
         self.counting = False
+
+
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":(\d+)')
 
 
 async def _worker(host: str, port: int, requests: list[bytes], c: Counters, stop: asyncio.Event, rng: random.Random) -> None:
@@ -44,6 +54,7 @@ async def _worker(host: str, port: int, requests: list[bytes], c: Counters, stop
             while (await reader.readline()) not in (b"\r\n", b""):
                 pass  # headers; the body is chunked SSE
             done = False
+            seen = 0  # this completion's tokens so far (vLLM's running count)
             while not done:
                 size_line = await reader.readline()
                 if not size_line:
@@ -53,8 +64,13 @@ async def _worker(host: str, port: int, requests: list[bytes], c: Counters, stop
                     await reader.readline()
                     break
                 chunk = await reader.readexactly(size + 2)
-                if c.counting:
-                    c.tokens += chunk.count(b"data: {")
+                counts = _COMPLETION_TOKENS.findall(chunk)
+                if counts:
+                    n = int(counts[-1])
+                    if c.counting:
+                        c.tokens += n - seen
+                        c.events += chunk.count(b"data: {")
+                    seen = n
                 if b"data: [DONE]" in chunk:
                     done = True
             if done:
@@ -76,6 +92,13 @@ async def _worker(host: str, port: int, requests: list[bytes], c: Counters, stop
         writer.close()
 
 
+async def _tick(path: str, every: float, c: Counters) -> None:
+    with open(path, "a", buffering=1) as fh:
+        while True:
+            fh.write(f"{time.time():.3f} {c.tokens} {c.completions} {c.errors} {c.events}\n")
+            await asyncio.sleep(every)
+
+
 #: Sent with --traceparent: every completion joins one (sampled) trace, as when the caller's client is traced.
 TRACEPARENT = "00-5e1f0c2b9a8d4e6f8a7b6c5d4e3f2a1b-1a2b3c4d5e6f7a8b-01"
 
@@ -90,6 +113,8 @@ async def run_load(
     traceparent: bool = False,
     spread: float = 0.0,
     seed: int = 0,
+    ticks: str | None = None,
+    tick_every: float = 0.5,
 ) -> dict:
     """``spread`` > 0 draws each completion's length uniformly from max_tokens * (1 +- spread) (same mean): with
     every stream the same length, all streams end together and restart together, and tokens/s in a window
@@ -100,7 +125,15 @@ async def run_load(
     requests = []
     for n in lengths:
         body = json.dumps(
-            {"model": model, "prompt": "Once upon a time", "max_tokens": n, "temperature": 1.0, "ignore_eos": True, "stream": True}
+            {
+                "model": model,
+                "prompt": "Once upon a time",
+                "max_tokens": n,
+                "temperature": 1.0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            }  # fmt: skip
         ).encode()
         requests.append(
             (
@@ -118,8 +151,11 @@ async def run_load(
     await asyncio.sleep(warmup)
     c.counting = True
     t0 = time.perf_counter()
+    ticker = asyncio.create_task(_tick(ticks, tick_every, c)) if ticks else None
     await asyncio.sleep(duration)
     c.counting = False
+    if ticker is not None:
+        ticker.cancel()
     seconds = time.perf_counter() - t0
     stop.set()
     for t in tasks:
@@ -130,6 +166,7 @@ async def run_load(
         "tokens": c.tokens,
         "seconds": seconds,
         "tokens_per_s": c.tokens / seconds if seconds else 0.0,
+        "events": c.events,
         "completions": c.completions,
         "errors": c.errors,
     }
@@ -145,6 +182,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--spread", type=float, default=0.0, help="completion lengths uniform in max_tokens * (1 +- spread)")
     p.add_argument("--traceparent", action="store_true", help="send a W3C traceparent with every completion")
+    p.add_argument("--ticks", default=None, help="append 'unix_time tokens completions errors events' lines here while measuring")
+    p.add_argument("--tick-every", type=float, default=0.5, help="seconds between --ticks lines")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     try:
@@ -153,7 +192,11 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    result = asyncio.run(run_load(a.url, a.model, a.streams, a.duration, a.warmup, a.max_tokens, a.traceparent, a.spread))
+    result = asyncio.run(
+        run_load(
+            a.url, a.model, a.streams, a.duration, a.warmup, a.max_tokens, a.traceparent, a.spread, ticks=a.ticks, tick_every=a.tick_every
+        )
+    )
     with open(a.out, "w") as fh:
         json.dump(result, fh)
 

@@ -115,6 +115,23 @@ async def cpu_per_chunk(app: Any, requests: int, chunks: int, traceparent: bool)
     return (time.process_time() - t0) / (requests * chunks) * 1e6
 
 
+def measure(
+    requests: int, chunks: int, repeats: int, variants: dict[str, tuple[str, bool]] = VARIANTS
+) -> tuple[dict[str, list[float]], int]:
+    """µs of process CPU per chunk, ``repeats`` values per variant (interleaved), and the number of spans exported."""
+    span_dir = Path(tempfile.mkdtemp(prefix="ww-bench-overhead-"))
+    weightwatch.setup(role="inference", registry=CollectorRegistry(), set_global_tracer_provider=False, span_file=span_dir / "spans.jsonl")
+    apps = {kind: build(kind, chunks) for kind in {k for k, _ in variants.values()}}
+    results: dict[str, list[float]] = {v: [] for v in variants}
+    for kind, traced in variants.values():
+        asyncio.run(cpu_per_chunk(apps[kind], 20, chunks, traced))  # warm up
+    for _ in range(repeats):
+        for v, (kind, traced) in variants.items():
+            results[v].append(asyncio.run(cpu_per_chunk(apps[kind], requests, chunks, traced)))
+    spans = sum(1 for _ in (span_dir / "spans.jsonl").open()) if (span_dir / "spans.jsonl").exists() else 0
+    return results, spans
+
+
 def api_us_per_token_from_lane_results(path: Path) -> float | None:
     """vLLM's own API-server CPU per token (plain server, median of part 2's rounds), if a run left one."""
     try:
@@ -137,16 +154,7 @@ def main() -> None:
     )
     p.add_argument("--out", type=Path, default=HERE / "results" / "inference_overhead.md")
     args = p.parse_args()
-    span_dir = Path(tempfile.mkdtemp(prefix="ww-bench-overhead-"))
-    weightwatch.setup(role="inference", registry=CollectorRegistry(), set_global_tracer_provider=False, span_file=span_dir / "spans.jsonl")
-    apps = {kind: build(kind, args.chunks) for kind in {k for k, _ in VARIANTS.values()}}
-    results: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for kind, traced in VARIANTS.values():
-        asyncio.run(cpu_per_chunk(apps[kind], 20, args.chunks, traced))  # warm up
-    for _ in range(args.repeats):
-        for v, (kind, traced) in VARIANTS.items():
-            results[v].append(asyncio.run(cpu_per_chunk(apps[kind], args.requests, args.chunks, traced)))
-    spans = sum(1 for _ in (span_dir / "spans.jsonl").open()) if (span_dir / "spans.jsonl").exists() else 0
+    results, spans = measure(args.requests, args.chunks, args.repeats)
     api = args.api_us_per_token
     api_source = "--api-us-per-token"
     if api is None:
