@@ -21,9 +21,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
 
+import bench_inference_load
+
 CONTROL_PATH = "/_ab/mode"
 PATHS = ("weightwatch", "vllm")
-TRACEPARENT = b"00-6c2f1b0e9d8a4f3e8b7a6c5d4e3f2a10-2b3c4d5e6f7a8b9c-01"
+#: The load generator's --traceparent header (bench_inference_load.py, beside this file).
+TRACEPARENT = bench_inference_load.TRACEPARENT.encode()
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 

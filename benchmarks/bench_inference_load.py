@@ -10,9 +10,9 @@ workers keeps one keep-alive connection and sends a new completion as soon as th
     python benchmarks/bench_inference_load.py --url http://127.0.0.1:8000 --model DIR --streams 256 \
         --duration 60 --out load.json
 
-Writes {"tokens": ..., "seconds": ..., "tokens_per_s": ..., "completions": ..., "errors": ...} for the
+Writes {"tokens": ..., "seconds": ..., "tokens_per_s": ..., "events": ..., "completions": ..., "errors": ...} for the
 measurement window (after --warmup seconds). With ``--ticks FILE`` it also appends ``unix_time tokens completions
-errors`` (cumulative since the warm-up ended) every ``--tick-every`` seconds, so one long run can be cut into
+errors events`` (cumulative since the warm-up ended) every ``--tick-every`` seconds, so one long run can be cut into
 windows afterwards (bench_inference_ab.py).
 """
 
