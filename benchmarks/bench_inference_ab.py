@@ -87,7 +87,20 @@ def needs_settling(before: dict[str, Any] | None, after: dict[str, Any]) -> bool
     return before["path"] != after["path"] or before["traced"] != after["traced"] or (before["burn_us"] > 0) != (after["burn_us"] > 0)
 
 
-def start_ab_server(model: Path, work: Path) -> VllmServer:
+def parse_cpus(text: str | None) -> set[int] | None:
+    """``--frontend-cpus`` ("1", "2,3", or None for no pinning) as a CPU set."""
+    return {int(x) for x in text.split(",") if x.strip()} if text else None
+
+
+def pinned_to(cpus: set[int] | None) -> Any:
+    """A ``preexec_fn`` that pins the child (and what it spawns) to ``cpus``; threads that bind themselves, such as
+    vLLM's OpenMP workers, still move to their own cores."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def start_ab_server(model: Path, work: Path, cpus: set[int] | None = None) -> VllmServer:
     from weightwatch.inference.serve_cli import build_command
 
     work.mkdir(parents=True, exist_ok=True)
@@ -98,11 +111,13 @@ def start_ab_server(model: Path, work: Path) -> VllmServer:
         engine_nice=None, trace_generation=None, vllm_args=SERVER_ARGS,
     )  # fmt: skip
     cmd, env = build_command(ns, dict(os.environ))
+    if cpus:  # vLLM's auto-binding picks from the CPUs the process may use: name the engine's cores instead
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(os.sched_getaffinity(0) - cpus))
     module_at = cmd.index("-m")
     cmd[module_at : module_at + 2] = [str(HERE / "ab_api_server.py")]
     out = work / "server.out"
     with open(out, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=pinned_to(cpus))
     return VllmServer(base_url=f"http://127.0.0.1:{port}", model_dir=model, proc=proc, output_path=out)
 
 
@@ -151,7 +166,8 @@ def run(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     burns = parse_burns(args.burn_us)
     plan = modes(burns, traced=not args.skip_traced)
     work = Path(tempfile.mkdtemp(prefix="ww-bench-ab-"))
-    server = start_ab_server(model, work / "server")
+    cpus = parse_cpus(args.frontend_cpus)
+    server = start_ab_server(model, work / "server", cpus)
     load = None
     windows: list[dict[str, Any]] = []
     try:
@@ -160,7 +176,8 @@ def run(args: argparse.Namespace, model: Path) -> dict[str, Any]:
         load = subprocess.Popen(
             [sys.executable, str(HERE / "bench_inference_load.py"), "--url", server.base_url, "--model", str(model),
              "--streams", str(args.streams), "--duration", "1e9", "--warmup", str(args.warmup), "--spread", str(args.spread),
-             "--max-tokens", str(args.max_tokens), "--ticks", str(ticks_path), "--tick-every", "0.5", "--out", str(work / "load.json")]
+             "--max-tokens", str(args.max_tokens), "--ticks", str(ticks_path), "--tick-every", "0.5", "--out", str(work / "load.json")],
+            preexec_fn=pinned_to(cpus),
         )  # fmt: skip
         with httpx.Client(base_url=server.base_url, timeout=120) as client:
             time.sleep(args.warmup + 2)
@@ -292,7 +309,13 @@ def report(res: dict[str, Any]) -> str:
         "",
         f"Run {res['when']} on {res['machine']} (load average at the end {' '.join(f'{x:.1f}' for x in res['load_average'])}). "
         f"`python benchmarks/bench_inference_ab.py --streams {args['streams']} --rounds {args['rounds']} --window {args['window']:g} "
-        f"--burn-us '{args['burn_us']}'{' --skip-traced' if args.get('skip_traced') else ''}`.",
+        f"--burn-us '{args['burn_us']}'{' --skip-traced' if args.get('skip_traced') else ''}"
+        f"{' --frontend-cpus ' + args['frontend_cpus'] if args.get('frontend_cpus') else ''}`."
+        + (
+            f" API server and load generator pinned to CPU {args['frontend_cpus']}, the engine's OpenMP threads to the others."
+            if args.get("frontend_cpus")
+            else ""
+        ),
         "",
         f"One `benchmarks/ab_api_server.py` server (vLLM's OpenAI server with the weightwatch plugin and a benchmark-only switch above it), "
         f"tiny Llama, `--max-num-seqs 256`; {args['streams']} concurrent streaming completions (max_tokens {args['max_tokens']} "
@@ -373,6 +396,32 @@ def verdict(ci: tuple[float, float]) -> str:
     return f"consistent with the target, but the interval (down to {(1 - lo) * 100:.1f} % cost) is wider than 1 %"
 
 
+def add_run_args(p: argparse.ArgumentParser, out: Path) -> None:
+    """The options the throughput benchmarks share: the in-process measurement, the model, where results go."""
+    p.add_argument("--requests", type=int, default=300, help="in-process measurement: requests per repeat")
+    p.add_argument("--repeats", type=int, default=9, help="in-process measurement: interleaved repeats")
+    p.add_argument("--model", type=Path, default=None, help="tiny model dir (made if missing)")
+    p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--report-only", type=Path, default=None, help="re-render the report from a results .json, run nothing")
+
+
+def run_or_reload(args: argparse.Namespace, run_fn: Any) -> dict[str, Any]:
+    """The results ``--report-only`` names, or a fresh ``run_fn(args, model)`` on the tiny model (made if missing)."""
+    if args.report_only:
+        return json.loads(args.report_only.read_text())
+    from weightwatch.inference.tiny_model import make_tiny_model
+
+    return run_fn(args, make_tiny_model(args.model or (Path(tempfile.gettempdir()) / "ww-bench-tiny-model")))
+
+
+def publish(text: str, res: dict[str, Any], out: Path) -> None:
+    """Print the report and save it with its raw results (``out`` and ``out`` as .json)."""
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--streams", type=int, default=256)
@@ -380,27 +429,18 @@ def main() -> None:
     p.add_argument("--window", type=float, default=20.0, help="seconds measured per mode and round")
     p.add_argument("--warmup", type=float, default=20.0)
     p.add_argument("--burn-us", default="10,40", help="comma-separated CPU doses per streamed message (SSE event), µs")
+    p.add_argument(
+        "--frontend-cpus",
+        default=None,
+        help="pin the API server and the load generator to these CPUs (e.g. 1); the engine's OpenMP threads get the others",
+    )
     p.add_argument("--skip-traced", action="store_true", help="no window with every request traced")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--spread", type=float, default=0.5, help="completion lengths uniform in max_tokens * (1 +- spread)")
-    p.add_argument("--requests", type=int, default=300, help="in-process measurement: requests per repeat")
-    p.add_argument("--repeats", type=int, default=9, help="in-process measurement: interleaved repeats")
-    p.add_argument("--model", type=Path, default=None, help="tiny model dir (made if missing)")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "inference_ab.md")
-    p.add_argument("--report-only", type=Path, default=None, help="re-render the report from a results .json, run nothing")
+    add_run_args(p, HERE / "results" / "inference_ab.md")
     args = p.parse_args()
-    if args.report_only:
-        res = json.loads(args.report_only.read_text())
-    else:
-        from weightwatch.inference.tiny_model import make_tiny_model
-
-        model = make_tiny_model(args.model or (Path(tempfile.gettempdir()) / "ww-bench-tiny-model"))
-        res = run(args, model)
-    text = report(res)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    res = run_or_reload(args, run)
+    publish(report(res), res, args.out)
 
 
 if __name__ == "__main__":

@@ -279,10 +279,11 @@ def part1(model: Path, work: Path, streams: int, duration: float, warmup: float,
 
 
 def tree_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds of a server's process tree: the API server process and everything."""
+    """CPU seconds of a server's process tree: the API server process, the front end (all but the engine's
+    ``VLLM::...`` processes) and everything."""
     import psutil
 
-    out = {"api": 0.0, "all": 0.0}
+    out = {"api": 0.0, "front end": 0.0, "all": 0.0}
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
@@ -293,6 +294,8 @@ def tree_cpu(pid: int) -> dict[str, float]:
             t = p.cpu_times()
             cpu = t.user + t.system
             out["all"] += cpu
+            if not p.name().startswith("VLLM::"):
+                out["front end"] += cpu
             if "api_server" in " ".join(p.cmdline()):
                 out["api"] += cpu
         except psutil.Error:

@@ -195,3 +195,20 @@ def test_bootstrap_interval_brackets_the_mean() -> None:
     lo, hi = bench.bootstrap_ci(values)
     assert lo < sum(values) / len(values) < hi
     assert lo >= min(values) and hi <= max(values)
+
+
+def test_frontend_pinning_moves_a_child_to_the_named_cpus() -> None:
+    import os
+    import subprocess
+
+    assert bench.parse_cpus(None) is None and bench.pinned_to(None) is None
+    assert bench.parse_cpus("1, 0") == {0, 1}
+    cpu = min(os.sched_getaffinity(0))
+    out = subprocess.run(
+        [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+        preexec_fn=bench.pinned_to({cpu}),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == f"[{cpu}]"
