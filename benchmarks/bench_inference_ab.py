@@ -93,8 +93,8 @@ def parse_cpus(text: str | None) -> set[int] | None:
 
 
 def pinned_to(cpus: set[int] | None) -> Any:
-    """A ``preexec_fn`` that pins the child (and what it spawns) to ``cpus``; threads that bind themselves, such as
-    vLLM's OpenMP workers, still move to their own cores."""
+    """A ``preexec_fn`` that pins the child (and what it spawns) to ``cpus``. Threads that bind themselves can leave:
+    vLLM's OpenMP workers go to the cores ``VLLM_CPU_OMP_THREADS_BIND`` names (start_ab_server sets it)."""
     if not cpus:
         return None
     return lambda: os.sched_setaffinity(0, cpus)
@@ -210,10 +210,9 @@ def run(args: argparse.Namespace, model: Path) -> dict[str, Any]:
             load.send_signal(signal.SIGTERM)
             load.wait(timeout=30)
         server.stop()
-    from bench_inference_overhead import VARIANTS, measure
+    from bench_inference_overhead import measure_request_path
 
-    variants = {v: VARIANTS[v] for v in ("bare", "weightwatch", "weightwatch, traced")}
-    in_process, _ = measure(args.requests, args.max_tokens, args.repeats, variants)
+    in_process = measure_request_path(args.requests, args.max_tokens, args.repeats)
     return {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",

@@ -49,6 +49,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from bench_inference_ab import add_run_args, bootstrap_ci, publish, run_or_reload  # noqa: E402
 from bench_inference_lane import tree_cpu  # noqa: E402
+from weightwatch.telemetry import LAG_PROBE_INTERVAL_S  # noqa: E402
 
 DEFAULT_AB = HERE / "results" / "inference_ab_two_modes.json"
 DEFAULT_SLOPE = HERE / "results" / "inference_ab.json"
@@ -60,13 +61,11 @@ SCRAPE_EVERY_S = 15.0
 
 def per_message(requests: int, chunks: int, repeats: int) -> dict[str, Any]:
     """µs of CPU per streamed message that weightwatch adds to the bare app, per repeat, default and traced."""
-    from bench_inference_overhead import VARIANTS, measure
+    from bench_inference_overhead import measure_request_path
 
-    variants = {v: VARIANTS[v] for v in ("bare", "weightwatch", "weightwatch, traced")}
-    runs, _ = measure(requests, chunks, repeats, variants)
-    return {v: [a - b for a, b in zip(runs[v], runs["bare"], strict=True)] for v in ("weightwatch", "weightwatch, traced")} | {
-        "bare": runs["bare"]
-    }
+    runs = measure_request_path(requests, chunks, repeats)
+    added = {v: [a - b for a, b in zip(runs[v], runs["bare"], strict=True)] for v in ("weightwatch", "weightwatch, traced")}
+    return added | {"bare": runs["bare"]}
 
 
 # --------------------------------------------------------------------------- routing
@@ -129,11 +128,6 @@ def probe_us_per_wakeup(seconds: float = 1.0, interval: float = 1e-4) -> tuple[f
 # --------------------------------------------------------------------------- idle servers
 
 
-def front_end_cpu_s(pid: int) -> float:
-    """CPU seconds so far of a server's process tree without the engine's processes (named ``VLLM::...``)."""
-    return tree_cpu(pid)["front end"]
-
-
 class Scraper(threading.Thread):
     """GETs each server's /metrics every ``every`` s, as Prometheus would, until stopped."""
 
@@ -169,10 +163,10 @@ def idle_servers(model: Path, windows: int, window: float) -> dict[str, Any]:
         scraper.start()
         time.sleep(window)  # past start-up work (first scrapes, compile caches)
         for _ in range(windows):
-            t0, cpu0 = time.monotonic(), {k: front_end_cpu_s(s.proc.pid) for k, s in servers.items()}
+            t0, cpu0 = time.monotonic(), {k: tree_cpu(s.proc.pid)["front end"] for k, s in servers.items()}
             time.sleep(window)
             wall = time.monotonic() - t0
-            rows.append({k: (front_end_cpu_s(s.proc.pid) - cpu0[k]) / wall * 1e3 for k, s in servers.items()})
+            rows.append({k: (tree_cpu(s.proc.pid)["front end"] - cpu0[k]) / wall * 1e3 for k, s in servers.items()})
         scraper.stop.set()
         scraper.join(timeout=30)
     finally:
@@ -246,7 +240,7 @@ def run(args: argparse.Namespace, model: Path) -> dict[str, Any]:
 def analyse(res: dict[str, Any]) -> dict[str, Any]:
     ctx, args = res["context"], res["args"]
     diffs = [r["weightwatch serve"] - r["vLLM"] for r in res["idle"]["ms_per_s"]]
-    probe_us_per_s = statistics.median(res["probe_us_per_wakeup"]) / 0.1  # the probe wakes every 100 ms
+    probe_us_per_s = statistics.median(res["probe_us_per_wakeup"]) / LAG_PROBE_INTERVAL_S
     background = max(upper(diffs) * 1e3, probe_us_per_s)
     routing = max(res["routing_us"])
     budgets = {

@@ -132,6 +132,13 @@ def measure(
     return results, spans
 
 
+def measure_request_path(requests: int, chunks: int, repeats: int) -> dict[str, list[float]]:
+    """µs per chunk of the bare app and of weightwatch's request path, default and traced: what the throughput
+    benchmarks set against tokens/s."""
+    runs, _ = measure(requests, chunks, repeats, {v: VARIANTS[v] for v in ("bare", "weightwatch", "weightwatch, traced")})
+    return runs
+
+
 def api_us_per_token_from_lane_results(path: Path) -> float | None:
     """vLLM's own API-server CPU per token (plain server, median of part 2's rounds), if a run left one."""
     try:

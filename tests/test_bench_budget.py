@@ -18,6 +18,7 @@ from fastapi.routing import APIRoute
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import bench_inference_budget as budget  # noqa: E402
+from bench_inference_lane import tree_cpu  # noqa: E402
 
 
 def test_front_end_cpu_leaves_out_the_engine_processes() -> None:
@@ -56,14 +57,14 @@ def test_front_end_cpu_leaves_out_the_engine_processes() -> None:
             time.sleep(0.1)
         else:
             pytest.fail("the processes did not burn their CPU in 30 s")
-        front = budget.front_end_cpu_s(proc.pid)
+        front = tree_cpu(proc.pid)["front end"]
         assert 0.6 <= front < 1.0  # the parent's burn and start-up, not the engine's 0.6 s
     finally:
         for p in psutil.Process(proc.pid).children(recursive=True):
             p.kill()
         proc.kill()
         proc.wait()
-    assert budget.front_end_cpu_s(proc.pid) == 0.0  # gone: nothing to count, no error
+    assert tree_cpu(proc.pid)["front end"] == 0.0  # gone: nothing to count, no error
 
 
 def test_routes_are_weightwatchs_and_none_takes_a_completion() -> None:
@@ -137,8 +138,6 @@ def test_front_end_of_a_real_server_is_its_processes_minus_vllms_engine(vllm_ser
     budget would count them as front end), and the front end is the launcher, the API server and multiprocessing's
     resource tracker."""
     import psutil
-
-    from bench_inference_lane import tree_cpu
 
     root = psutil.Process(vllm_server.proc.pid)
     procs = [root, *root.children(recursive=True)]

@@ -500,7 +500,11 @@ async def _probe_loop_lag(metric: str, interval: float) -> None:
         get().metrics.observe(metric, max(0.0, loop.time() - start - interval))
 
 
-def start_loop_lag_probe(metric: str = "rl_event_loop_lag_seconds", interval: float = 0.1) -> Any:
+#: How often the event-loop lag probes wake, s: often enough to catch a stall, rare enough to cost nothing.
+LAG_PROBE_INTERVAL_S = 0.1
+
+
+def start_loop_lag_probe(metric: str = "rl_event_loop_lag_seconds", interval: float = LAG_PROBE_INTERVAL_S) -> Any:
     """Start a cheap periodic probe on the running asyncio loop; returns the task (cancel to stop).
 
     A sleep that wakes late measures how long callbacks hog the loop: the same delay an admin

@@ -13,7 +13,7 @@ from weightwatch import telemetry
 METRIC = "rl_orchestrator_event_loop_lag_seconds"
 
 
-def start_loop_lag_probe(interval: float = 0.1) -> asyncio.Task[None]:
+def start_loop_lag_probe(interval: float = telemetry.LAG_PROBE_INTERVAL_S) -> asyncio.Task[None]:
     """Start the probe on the running loop (call from async code); cancel the returned task to stop it."""
     if not (0 < interval < 60):
         raise ValueError(f"interval must be between 0 and 60 s, got {interval!r}")
