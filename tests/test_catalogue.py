@@ -29,10 +29,12 @@ def test_metric_specs_are_well_formed() -> None:
     for m in catalogue.METRICS:
         assert re.fullmatch(r"[a-z_][a-z0-9_]*", m.name), m.name
         assert m.help
-        if m.type == "histogram":
+        if m.type == "histogram" and m.unit == "seconds":
             assert m.name.endswith("_seconds") and m.buckets
             assert m.buckets[0] == 0.001 and m.buckets[-1] == 600.0  # 1 ms to 10 min
             assert list(m.buckets) == sorted(m.buckets)
+        elif m.type == "histogram":  # a count (requests held at a pause): named for its unit, count buckets
+            assert m.name.endswith("_" + m.unit) and m.buckets == catalogue.COUNT_BUCKETS
         if m.type == "counter":
             assert m.name.endswith("_total")
     assert catalogue.METRICS_BY_NAME["rl_weight_update_queue_seconds"].labels == ("op", "server")

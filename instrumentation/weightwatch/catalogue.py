@@ -25,8 +25,25 @@ QUEUE_THRESHOLD_SECONDS = 0.3
 #: The engine reload time above which the reload itself is the bottleneck.
 RPC_SLOW_SECONDS = 2.0
 
-OPS = ("update_weights", "reload_weights")
+#: The weight-sync signatures (ARCHITECTURE.md, "The weight sync of today"): alerts and analyzer read these.
+PAUSE_SLOW_SECONDS = 1.0
+RESUME_SLOW_SECONDS = 1.0
+#: A server is a straggler when its phase takes at least this many times the median server's ...
+STRAGGLER_RATIO = 2.0
+#: ... and at least this much longer than the median.
+STRAGGLER_MIN_GAP_SECONDS = 0.5
+#: An admin call in flight past this fraction of its caller's budget counts as hung.
+HUNG_BUDGET_FRACTION = 0.5
+
+#: Admin operations (label ``op``). The first two are the seed's bare update; the sync adds the rest.
+OPS = ("update_weights", "reload_weights", "pause", "resume", "load_lora_adapter", "is_paused", "liveness")
+#: The phases of one weight sync, in order (label ``phase``).
+PHASES = ("pause", "transfer", "resume")
+#: Which admin op makes up which phase (``transfer`` is either shape of loading weights).
+PHASE_OF_OP = {"pause": "pause", "update_weights": "transfer", "reload_weights": "transfer", "load_lora_adapter": "transfer", "resume": "resume"}
 LANES = ("inference", "admin")
+#: Buckets for counts of requests (held at a pause).
+COUNT_BUCKETS: tuple[float, ...] = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,7 @@ def _g(name: str, unit: str, help: str, role: Role, labels: tuple[str, ...] = ()
 
 
 _OP_SERVER = ("op", "server")
+_PHASE_SERVER = ("phase", "server")
 
 METRICS: tuple[MetricSpec, ...] = (
     # orchestrator
@@ -71,6 +89,13 @@ METRICS: tuple[MetricSpec, ...] = (
     _g("rl_orchestrator_step", "steps", "The orchestrator's current step.", "orchestrator"),
     _g("rl_checkpoint_step", "steps", "Step of the checkpoint the inference servers last loaded.", "orchestrator"),
     _g("rl_async_level", "steps", "Configured maximum staleness (async_level).", "orchestrator"),
+    # orchestrator: the weight sync of today (pause -> transfer -> resume on every server)
+    _h("rl_weight_sync_seconds", "One whole weight sync: first pause sent to last resume answered.", "orchestrator"),
+    _h("rl_weight_sync_phase_seconds", "One phase (pause, transfer, resume) of a weight sync on one server, wall time seen by the orchestrator.", "orchestrator", _PHASE_SERVER),
+    _h("rl_weight_sync_straggler_seconds", "Per sync and phase: the slowest server's time minus the median server's.", "orchestrator", ("phase",)),
+    _g("rl_weight_version", "steps", "The weight version (step) each server serves after the last sync it took part in.", "orchestrator", ("server",)),
+    _g("rl_admin_call_inflight_age_seconds", "seconds", "Age of the oldest admin call to a server still waiting for its answer (0 when none).", "orchestrator", _OP_SERVER),
+    _g("rl_admin_call_budget_seconds", "seconds", "The caller's time budget for one admin call of this op (its total timeout).", "orchestrator", ("op",)),
     _h("rl_orchestrator_event_loop_lag_seconds", "Lag of the orchestrator's own asyncio loop (a saturated loop delays admin calls too).", "orchestrator"),
     # trainer
     _h("rl_checkpoint_write_seconds", "Time to write one checkpoint, fsync, rename and mark STABLE.", "trainer"),
@@ -81,6 +106,9 @@ METRICS: tuple[MetricSpec, ...] = (
     _h("rl_admin_rpc_seconds", "Engine call time (collective_rpc reload) inside the server.", "inference", ("op",)),
     _g("rl_http_inflight_requests", "requests", "HTTP requests being handled, per lane.", "inference", ("lane",)),
     _h("rl_event_loop_lag_seconds", "Lag of the inference server's asyncio loop, from a periodic probe.", "inference"),
+    _g("rl_engine_paused", "", "1 while the engine's generation is paused (between /pause and /resume), else 0.", "inference"),
+    _h("rl_engine_paused_seconds", "How long generation stood paused: pause answered to resume answered.", "inference"),
+    MetricSpec("rl_engine_pause_inflight_requests", "histogram", "requests", "Generation requests held (in flight) when a pause took effect.", "inference", (), COUNT_BUCKETS),
     # weightwatch's own health
     MetricSpec("weightwatch_spans_exported_total", "counter", "", "Spans handed to exporters, by exporter and result (success, failure).", "internal", ("exporter", "result")),
     MetricSpec("weightwatch_spans_dropped_total", "counter", "", "Spans dropped because an export queue was full.", "internal", ("exporter",)),
@@ -100,7 +128,9 @@ class SpanSpec:
 
 SPANS: tuple[SpanSpec, ...] = (
     SpanSpec("weights.update", "client", "orchestrator", "One weight update across all servers; one child per server.", ("rl.op", "rl.step", "rl.servers")),
-    SpanSpec("weights.update.server", "client", "orchestrator", "The update of one server (child of weights.update).", ("rl.op", "rl.server", "rl.wall_ms", "rl.queue_ms", "rl.rpc_ms", "rl.pool_wait_ms")),
+    SpanSpec("weights.update.server", "client", "orchestrator", "One admin call to one server (child of weights.update or of a sync phase).", ("rl.op", "rl.server", "rl.wall_ms", "rl.queue_ms", "rl.rpc_ms", "rl.pool_wait_ms")),
+    SpanSpec("weights.sync", "internal", "orchestrator", "One weight sync (pause -> transfer -> resume) across all servers; one trace per sync.", ("rl.step", "rl.servers", "rl.mode", "rl.wall_ms")),
+    SpanSpec("weights.sync.phase", "internal", "orchestrator", "One phase of a sync (child of weights.sync); one weights.update.server child per server.", ("rl.phase", "rl.op", "rl.wall_ms", "rl.straggler_ms")),
     SpanSpec("admin.request", "server", "inference", "The admin endpoint on the server (parent: the client's traceparent).", ("rl.op", "rl.server_ms")),
     SpanSpec("engine.rpc", "internal", "inference", "The engine call (collective_rpc reload_weights).", ("rl.op", "rl.rpc_ms")),
     SpanSpec("engine.rpc.restore", "internal", "inference", "After a failed load: reloading the last good weights so the engine keeps serving.", ("rl.weights_path", "rl.failed_weights_path")),
@@ -134,6 +164,15 @@ EVENTS: tuple[EventSpec, ...] = (
     EventSpec("weights", "rpc.start", (("op", "str"), ("t", "float")), "inference", "Engine call starts.", True),
     EventSpec("weights", "rpc.done", (("op", "str"), ("t", "float"), ("rpc_ms", "float")), "inference", "Engine call done.", True),
     EventSpec("weights", "client.done", (("wall_ms", "float"), ("rpc_ms", "float"), ("queue_ms", "float")), "orchestrator", "Client got the answer.", True),
+    EventSpec("weights", "sync.start", (("step", "int"), ("servers", "int"), ("t", "float")), "orchestrator", "A weight sync (pause -> transfer -> resume) starts.", True),
+    EventSpec(
+        "weights",
+        "sync.done",
+        (("step", "int"), ("wall_ms", "float"), ("pause_ms", "float"), ("transfer_ms", "float"), ("resume_ms", "float"), ("ok", "int")),
+        "orchestrator",
+        "A weight sync ended (phase times are the slowest server's).",
+        True,
+    ),
     EventSpec("ckpt", "write.done", (("step", "int"), ("write_ms", "float")), "trainer", "Checkpoint written and marked STABLE."),
     EventSpec("ckpt", "wait.start", (("target_step", "int"),), "orchestrator", "Orchestrator starts waiting for a checkpoint."),
     EventSpec("ckpt", "wait.done", (("target_step", "int"), ("wait_ms", "float")), "orchestrator", "Checkpoint found."),

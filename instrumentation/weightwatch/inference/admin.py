@@ -27,6 +27,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from weightwatch import events, telemetry
+from weightwatch.contracts import OP_BY_PATH, TIMING_RPC, TIMING_SERVER
 from weightwatch.inference.checkpoint import CheckpointError, TensorInfo, check_compatible, describe
 from weightwatch.inference.config import RELOAD_PATH, UPDATE_PATH, InferenceConfig
 from weightwatch.inference.middleware import SCOPE_LANE, SCOPE_RECV_PERF, SCOPE_RECV_WALL, SCOPE_TRACE_ID
@@ -34,7 +35,6 @@ from weightwatch.inference.middleware import SCOPE_LANE, SCOPE_RECV_PERF, SCOPE_
 PING_PATH = "/weightwatch/ping"
 ENGINE_PING_PATH = "/weightwatch/engine_ping"
 
-OP_BY_PATH = {UPDATE_PATH: "update_weights", RELOAD_PATH: "reload_weights"}
 
 
 class AdminError(Exception):
@@ -256,9 +256,9 @@ class AdminService:
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR, str(payload.get("error", ""))[:200]))
             telemetry.get().metrics.observe("rl_admin_server_seconds", server_s, op=op)
-            timing = [f"server;dur={payload['server_ms']}"]
+            timing = [f"{TIMING_SERVER};dur={payload['server_ms']}"]
             if "rpc_ms" in payload:
-                timing.insert(0, f"rpc;dur={payload['rpc_ms']}")
+                timing.insert(0, f"{TIMING_RPC};dur={payload['rpc_ms']}")
             headers = {**headers, "Server-Timing": ", ".join(timing)}
             return JSONResponse(payload, status_code=status, headers=headers)
 

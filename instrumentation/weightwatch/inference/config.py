@@ -11,11 +11,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from weightwatch.contracts import ADMIN_PATHS, ENV_ADMIN_TOKEN, ENV_ADMIN_TOKEN_FILE, RELOAD_PATH, UPDATE_PATH
+
+__all__ = ["ADMIN_PATHS", "ENV_ADMIN_TOKEN", "ENV_ADMIN_TOKEN_FILE", "RELOAD_PATH", "UPDATE_PATH", "QUIET_PATHS", "ConfigError", "InferenceConfig"]
+
 _log = logging.getLogger("weightwatch.inference")
 
 ENV_WEIGHTS_ROOT = "WEIGHTWATCH_WEIGHTS_ROOT"
-ENV_ADMIN_TOKEN = "WEIGHTWATCH_ADMIN_TOKEN"
-ENV_ADMIN_TOKEN_FILE = "WEIGHTWATCH_ADMIN_TOKEN_FILE"
 ENV_ADMIN_PORT = "WEIGHTWATCH_ADMIN_PORT"
 ENV_ADMIN_HOST = "WEIGHTWATCH_ADMIN_HOST"
 ENV_INJECT_RPC_DELAY_MS = "WEIGHTWATCH_INJECT_RPC_DELAY_MS"
@@ -29,10 +31,7 @@ ENV_TRACE_GENERATION = "WEIGHTWATCH_TRACE_GENERATION"
 #: ``traceparent`` ("parent", the default), all of them ("all"), or none ("off"). Admin requests always do.
 TRACE_GENERATION_POLICIES = ("parent", "all", "off")
 
-#: The admin paths (prime-rl's request shapes); everything else is the inference lane.
-UPDATE_PATH = "/update_weights"
-RELOAD_PATH = "/reload_weights"
-ADMIN_PATHS = frozenset({UPDATE_PATH, RELOAD_PATH})
+#: The admin paths (prime-rl's request shapes, weightwatch.contracts); everything else is the inference lane.
 #: Paths polled constantly by health checks and scrapers: not traced, no server.recv event.
 QUIET_PATHS = frozenset({"/health", "/metrics", "/ping", "/load", "/version"})
 

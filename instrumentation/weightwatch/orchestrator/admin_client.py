@@ -15,7 +15,6 @@ import os
 import random
 import time
 from collections.abc import Coroutine, Sequence
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,29 +23,25 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from weightwatch import events, telemetry
+from weightwatch.contracts import ENV_ADMIN_TOKEN_FILE, PATH_BY_OP, admin_token_from_env
 from weightwatch.orchestrator.admin_loop import AdminLoop
 from weightwatch.orchestrator.admin_types import AdminTimeouts, ServerResult, UpdateResult
 from weightwatch.orchestrator.timing import PoolWaitProbe, server_times
 
 _log = logging.getLogger("weightwatch.orchestrator")
 
-PATHS = {"update_weights": "/update_weights", "reload_weights": "/reload_weights"}
+PATHS = PATH_BY_OP
 #: Backoff before retry n (1-based) is uniform in [d/2, d] with d = min(backoff_max, backoff_base * 2**(n-1)).
 DEFAULT_BACKOFF_BASE = 0.25
 DEFAULT_BACKOFF_MAX = 8.0
 
 
 def _token_from_env() -> str | None:
-    token = os.environ.get("WEIGHTWATCH_ADMIN_TOKEN")
-    if token:
-        return token.strip()
-    path = os.environ.get("WEIGHTWATCH_ADMIN_TOKEN_FILE")
-    if path:
-        try:
-            return Path(path).read_text(encoding="utf-8").strip() or None
-        except OSError as exc:
-            _log.warning("weightwatch: cannot read WEIGHTWATCH_ADMIN_TOKEN_FILE %s: %s", path, exc)
-    return None
+    try:
+        return admin_token_from_env()
+    except OSError as exc:
+        _log.warning("weightwatch: cannot read %s: %s", ENV_ADMIN_TOKEN_FILE, exc)
+        return None
 
 
 def _normalize_server(url: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -22,11 +21,11 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from weightwatch import events, telemetry
+from weightwatch.contracts import STABLE_MARKER, STEP_DIR_RE, step_dir
 
 _log = logging.getLogger("weightwatch.orchestrator")
 
-STABLE_MARKER = "STABLE"
-STEP_DIR = re.compile(r"^step_(\d+)$")
+STEP_DIR = STEP_DIR_RE
 #: How often (at most) the waiter looks around for a root the trainer does write to.
 WRONG_PATH_CHECK_INTERVAL_S = 1.0
 #: Directories scanned per level when looking for the trainer's real root (bounds the cost on big trees).
@@ -44,11 +43,6 @@ class CheckpointWaitTimeout(TimeoutError):
     def __init__(self, message: str, *, step_dir: Path, waited_s: float, candidate: Path | None):
         super().__init__(message)
         self.step_dir, self.waited_s, self.candidate = step_dir, waited_s, candidate
-
-
-def step_dir(ckpt_root: str | os.PathLike[str], step: int) -> Path:
-    """The directory the trainer writes step ``step`` to (the layout of weightwatch.trainer.CheckpointWriter)."""
-    return Path(ckpt_root) / f"step_{int(step)}"
 
 
 def _newest_step(root: Path) -> tuple[int, float] | None:

@@ -17,10 +17,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from weightwatch.contracts import TIMING_RPC, TIMING_SERVER
+
 #: Server-Timing metric names read as the server's own handling time, in order of preference.
-SERVER_METRIC_NAMES = ("server", "total", "app", "admin")
+SERVER_METRIC_NAMES = (TIMING_SERVER, "total", "app", "admin")
 #: Server-Timing metric names read as the engine call time.
-RPC_METRIC_NAMES = ("rpc", "engine", "engine.rpc", "engine_rpc")
+RPC_METRIC_NAMES = (TIMING_RPC, "engine", "engine.rpc", "engine_rpc")
 
 _ENTRY = re.compile(r"\s*([!#$%&'*+\-.^_`|~0-9A-Za-z]+)\s*((?:;[^,]*)?)")
 _DUR = re.compile(r";\s*dur\s*=\s*\"?([0-9.eE+\-]+)\"?")

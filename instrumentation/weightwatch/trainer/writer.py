@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
@@ -31,18 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from weightwatch import events, telemetry
+from weightwatch.contracts import STABLE_MARKER, STEP_DIR_RE, TMP_STEP_PREFIX, WEIGHTS_FILE, step_dir
 
 _log = logging.getLogger("weightwatch.trainer")
 
-STABLE_MARKER = "STABLE"
-WEIGHTS_FILE = "model.safetensors"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-_TMP_PREFIX = ".tmp-step_"
-
-
-def step_dir(root: str | os.PathLike[str], step: int) -> Path:
-    """The directory of checkpoint ``step`` under ``root`` (it may not exist yet)."""
-    return Path(root) / f"step_{int(step)}"
+_STEP_DIR = STEP_DIR_RE
+_TMP_PREFIX = TMP_STEP_PREFIX
 
 
 def is_stable(path: str | os.PathLike[str]) -> bool:
