@@ -1,6 +1,6 @@
 """vLLM's OpenAI server with weightwatch loaded and a benchmark-only A/B switch on top of the request path.
 
-    python benchmarks/ab_api_server.py --model DIR [vLLM args...]   # environment as ``weightwatch serve`` sets it
+    python -m benchmarks.ab_api_server --model DIR [vLLM args...]   # environment as ``weightwatch serve`` sets it
 
 Used by bench_inference_ab.py to price weightwatch's request path inside one server, so the comparison does not
 carry the difference between two servers (which on a small shared host is larger than what is being measured).
@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
 
-import bench_inference_load
+from benchmarks import bench_inference_load
 
 CONTROL_PATH = "/_ab/mode"
 PATHS = ("weightwatch", "vllm")

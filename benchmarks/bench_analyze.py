@@ -1,7 +1,7 @@
 """Benchmark: `weightwatch analyze` against the classic grep | sed | awk pipeline on the same big log.
 
-    python benchmarks/bench_analyze.py              # ~1 GB, 6 M lines (as in MEASUREMENTS.md)
-    python benchmarks/bench_analyze.py --lines 600000 --repeat 1   # a quick run
+    python -m benchmarks.bench_analyze              # ~1 GB, 6 M lines (as in MEASUREMENTS.md)
+    python -m benchmarks.bench_analyze --lines 600000 --repeat 1   # a quick run
 
 Generates an orchestrator log with loguru-style prefixes (a quarter `client.done`, the rest `client.send`,
 generation batches and free-text step lines) in a temp dir, runs both side by side (alternating, page

@@ -1,6 +1,6 @@
 """Benchmark: what atomicity costs. CheckpointWriter.write vs a plain safetensors save, same tensors, same disk.
 
-    python benchmarks/bench_checkpoint_writer.py [--sizes-mb 2 64 512] [--repeats 7] [--dir DIR] [--demo]
+    python -m benchmarks.bench_checkpoint_writer [--sizes-mb 2 64 512] [--repeats 7] [--dir DIR] [--demo]
 
 Per size: ``plain`` is ``safetensors.torch.save_file`` into an existing directory (what many trainers do:
 no fsync, no rename, no marker, readers can see half a file); ``atomic`` is ``CheckpointWriter.write``

@@ -1,6 +1,6 @@
 """Benchmark: what weightwatch's request path costs in tokens/s, measured inside one vLLM server.
 
-    python benchmarks/bench_inference_ab.py [--streams 256] [--rounds 14] [--window 20] [--burn-us 10,40]
+    python -m benchmarks.bench_inference_ab [--streams 256] [--rounds 14] [--window 20] [--burn-us 10,40]
 
 Comparing two servers (bench_inference_lane.py part 2) cannot resolve 1 % on a small shared host: two identical
 plain servers differ by up to 15 % per round. Here one server (``benchmarks/ab_api_server.py``: vLLM's OpenAI server
@@ -47,11 +47,9 @@ from typing import Any
 import httpx
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
 
-from bench_inference_lane import SERVER_ARGS, CpuSampler  # noqa: E402
-from vllm_fixtures import VllmServer, free_port, wait_ready  # noqa: E402
+from benchmarks.bench_inference_lane import SERVER_ARGS, CpuSampler  # noqa: E402
+from benchmarks.servers import VllmServer, free_port, wait_ready  # noqa: E402
 
 BYPASS = "vLLM's stack"
 WEIGHTWATCH = "weightwatch"
@@ -114,10 +112,10 @@ def start_ab_server(model: Path, work: Path, cpus: set[int] | None = None) -> Vl
     if cpus:  # vLLM's auto-binding picks from the CPUs the process may use: name the engine's cores instead
         env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(os.sched_getaffinity(0) - cpus))
     module_at = cmd.index("-m")
-    cmd[module_at : module_at + 2] = [str(HERE / "ab_api_server.py")]
+    cmd[module_at : module_at + 2] = ["-m", "benchmarks.ab_api_server"]
     out = work / "server.out"
     with open(out, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=pinned_to(cpus))
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=pinned_to(cpus), cwd=HERE.parent)
     return VllmServer(base_url=f"http://127.0.0.1:{port}", model_dir=model, proc=proc, output_path=out)
 
 
@@ -307,7 +305,7 @@ def report(res: dict[str, Any]) -> str:
         "# weightwatch's request path: tokens/s inside one server",
         "",
         f"Run {res['when']} on {res['machine']} (load average at the end {' '.join(f'{x:.1f}' for x in res['load_average'])}). "
-        f"`python benchmarks/bench_inference_ab.py --streams {args['streams']} --rounds {args['rounds']} --window {args['window']:g} "
+        f"`python -m benchmarks.bench_inference_ab --streams {args['streams']} --rounds {args['rounds']} --window {args['window']:g} "
         f"--burn-us '{args['burn_us']}'{' --skip-traced' if args.get('skip_traced') else ''}"
         f"{' --frontend-cpus ' + args['frontend_cpus'] if args.get('frontend_cpus') else ''}`."
         + (

@@ -1,6 +1,6 @@
 """Benchmark: weightwatch's CPU in vLLM's API server, term by term, and the bound it puts on tokens/s.
 
-    python benchmarks/bench_inference_budget.py [--windows 8] [--window 30] [--ab-results FILE]
+    python -m benchmarks.bench_inference_budget [--windows 8] [--window 30] [--ab-results FILE]
 
 Comparing tokens/s with and without weightwatch (bench_inference_ab.py, bench_inference_lane.py part 2) cannot
 resolve 1 % on a small shared host: throughput swings 15-25 % between windows for reasons no setting controls.
@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -44,11 +43,9 @@ from typing import Any
 import httpx
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
 
-from bench_inference_ab import add_run_args, bootstrap_ci, publish, run_or_reload  # noqa: E402
-from bench_inference_lane import tree_cpu  # noqa: E402
+from benchmarks.bench_inference_ab import add_run_args, bootstrap_ci, publish, run_or_reload  # noqa: E402
+from benchmarks.bench_inference_lane import tree_cpu  # noqa: E402
 from weightwatch.telemetry import LAG_PROBE_INTERVAL_S  # noqa: E402
 
 DEFAULT_AB = HERE / "results" / "inference_ab_two_modes.json"
@@ -149,7 +146,7 @@ class Scraper(threading.Thread):
 def idle_servers(model: Path, windows: int, window: float) -> dict[str, Any]:
     """Front-end CPU ms per s of ``weightwatch serve`` and vLLM's own server, both up and idle, same windows."""
     from bench_inference_lane import SERVER_ARGS
-    from vllm_fixtures import start_plain_server, start_weightwatch_server, wait_ready
+    from benchmarks.servers import start_plain_server, start_weightwatch_server, wait_ready
 
     work = Path(tempfile.mkdtemp(prefix="ww-bench-budget-"))
     plain = start_plain_server(model, work / "plain", vllm_args=SERVER_ARGS)
@@ -273,7 +270,7 @@ def report(res: dict[str, Any]) -> str:
         "# weightwatch's CPU in vLLM's API server, and the bound on tokens/s",
         "",
         f"Run {res['when']} on {res['machine']} (load average at the end {' '.join(f'{x:.1f}' for x in res['load_average'])}). "
-        f"`python benchmarks/bench_inference_budget.py --windows {args['windows']} --window {args['window']:g}`.",
+        f"`python -m benchmarks.bench_inference_budget --windows {args['windows']} --window {args['window']:g}`.",
         "",
         "| term | how measured | µs per token, default requests | µs per token, every request traced |",
         "|---|---|---|---|",

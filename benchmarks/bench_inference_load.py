@@ -7,7 +7,7 @@ events is not the same: when the API server falls behind the engine, vLLM merges
 so a slower front end shows fewer events for the same tokens.) Events are counted too. Each of the N
 workers keeps one keep-alive connection and sends a new completion as soon as the last one ends.
 
-    python benchmarks/bench_inference_load.py --url http://127.0.0.1:8000 --model DIR --streams 256 \
+    python -m benchmarks.bench_inference_load --url http://127.0.0.1:8000 --model DIR --streams 256 \
         --duration 60 --out load.json
 
 Writes {"tokens": ..., "seconds": ..., "tokens_per_s": ..., "events": ..., "completions": ..., "errors": ...} for the

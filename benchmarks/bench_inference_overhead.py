@@ -1,6 +1,6 @@
 """Micro-benchmark: CPU that weightwatch's server-side instrumentation adds per streamed token.
 
-    python benchmarks/bench_inference_overhead.py [--requests 300] [--chunks 256] [--repeats 9]
+    python -m benchmarks.bench_inference_overhead [--requests 300] [--chunks 256] [--repeats 9]
 
 A FastAPI endpoint streams ``--chunks`` SSE chunks shaped like vLLM's completion chunks (vLLM streams one per
 generated token); the ASGI app is called directly (no sockets, no vLLM), so only the middleware's own work is
@@ -172,7 +172,7 @@ def main() -> None:
         "# Server-side instrumentation: CPU per streamed token",
         "",
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, {os.cpu_count()} cores. "
-        f"`python benchmarks/bench_inference_overhead.py --requests {args.requests} --chunks {args.chunks} --repeats {args.repeats}`: "
+        f"`python -m benchmarks.bench_inference_overhead --requests {args.requests} --chunks {args.chunks} --repeats {args.repeats}`: "
         f"{args.requests} requests x {args.chunks} chunks, {args.repeats} interleaved repeats; process CPU microseconds per chunk "
         f"(one chunk per generated token), span export to a file included ({spans:,} spans written).",
         "",

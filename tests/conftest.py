@@ -10,13 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Session fixtures that start real vLLM servers (tiny_model, vllm_server, plain_vllm_server) live in
 # tests/vllm_fixtures.py so every test module shares one server per session.

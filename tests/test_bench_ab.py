@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
+from benchmarks import ab_api_server  # noqa: E402
+from benchmarks import bench_inference_ab as bench  # noqa: E402
 from fastapi import FastAPI, Request
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
@@ -22,11 +23,6 @@ from starlette.responses import StreamingResponse
 import weightwatch
 from weightwatch.inference import middleware
 from weightwatch.inference.middleware import SCOPE_LANE
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import ab_api_server  # noqa: E402
-import bench_inference_ab as bench  # noqa: E402
 
 CHUNKS = 5
 

@@ -9,16 +9,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
+from benchmarks import bench_inference_budget as budget  # noqa: E402
+from benchmarks.bench_inference_lane import tree_cpu  # noqa: E402
 from fastapi.routing import APIRoute
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import bench_inference_budget as budget  # noqa: E402
-from bench_inference_lane import tree_cpu  # noqa: E402
 
 
 def test_front_end_cpu_leaves_out_the_engine_processes() -> None:

@@ -1,0 +1,1 @@
+"""weightwatch's benchmarks: run each from the repository root as ``python -m benchmarks.<name>``."""
