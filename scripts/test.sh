@@ -12,11 +12,12 @@ if [[ "${1:-}" == "--quick" ]]; then quick=1; shift; fi
 SUDO=""
 if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null; then SUDO="sudo"; fi
 
-echo "== Debian packages (prometheus, promtool, alertmanager, amtool, chromium)"
+echo "== Debian packages (prometheus, promtool, alertmanager, amtool, chromium, kubectl)"
 need_apt=()
 command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v prometheus-alertmanager >/dev/null || need_apt+=(prometheus-alertmanager)
 command -v chromium >/dev/null || need_apt+=(chromium)
+command -v kubectl >/dev/null || need_apt+=(kubectl)   # kubectl kustomize (tests/test_kubernetes.py)
 if ((${#need_apt[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
