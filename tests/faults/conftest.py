@@ -36,6 +36,7 @@ class ReliabilityRow:
     lost: list[str] = field(default_factory=list)
     outcome: str = "not run"
     seconds: float = 0.0
+    run_at: str = ""
     error: str = ""
 
     def hold(self, text: str) -> None:
@@ -49,7 +50,7 @@ class ReliabilityRow:
 
 @pytest.fixture
 def reliability(request: pytest.FixtureRequest) -> Iterator[ReliabilityRow]:
-    row = ReliabilityRow(test=request.node.nodeid)
+    row = ReliabilityRow(test=request.node.nodeid, run_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     request.node._reliability_row = row
     started = time.monotonic()
     yield row
