@@ -8,6 +8,7 @@
 from weightwatch.trainer.writer import (
     STABLE_MARKER,
     WEIGHTS_FILE,
+    CheckpointWriteError,
     CheckpointWriter,
     is_stable,
     latest_stable,
@@ -15,4 +16,4 @@ from weightwatch.trainer.writer import (
     step_dir,
 )
 
-__all__ = ["STABLE_MARKER", "WEIGHTS_FILE", "CheckpointWriter", "is_stable", "latest_stable", "stable_steps", "step_dir"]
+__all__ = ["STABLE_MARKER", "WEIGHTS_FILE", "CheckpointWriteError", "CheckpointWriter", "is_stable", "latest_stable", "stable_steps", "step_dir"]

@@ -10,8 +10,15 @@ Order of operations (why each step exists):
 1. write everything into ``root/.tmp-step_N-<random>/`` (same filesystem, so the rename is atomic);
 2. fsync every file and the temporary directory (the data is on disk before it gets its final name);
 3. rename to ``root/step_N`` and fsync ``root`` (the name is durable);
-4. write ``STABLE`` (fsync file and directory) last: pollers such as the orchestrator wait for it;
+4. write ``STABLE`` last, itself atomically (a temporary name, fsync, rename): pollers such as the
+   orchestrator wait for it, so it never exists half-written;
 5. delete all but the newest ``keep_last`` stable checkpoints.
+
+A failed write (disk full, I/O error) raises CheckpointWriteError, an OSError naming the step, the root,
+the cause and the newest checkpoint still intact, and leaves nothing behind: no temporary directory and
+no ``step_N`` without its marker. A trainer killed mid-write leaves a temporary directory, or a
+``step_N`` without ``STABLE`` when it died between the rename and the marker; the next writer on that
+root removes both when it starts.
 
 Each write records the ``ckpt.write`` span, the ``[ckpt] write.done`` event and the trainer metrics
 ``rl_checkpoint_write_seconds``, ``rl_checkpoint_bytes`` and ``rl_trainer_step``.
@@ -19,9 +26,11 @@ Each write records the ``ckpt.write`` span, the ``[ckpt] write.done`` event and 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -36,6 +45,26 @@ _log = logging.getLogger("weightwatch.trainer")
 
 _STEP_DIR = STEP_DIR_RE
 _TMP_PREFIX = TMP_STEP_PREFIX
+#: safetensors reports I/O failures as SafetensorError("... (os error 28)"): the errno is read from that text.
+_OS_ERROR_RE = re.compile(r"os error (\d+)")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; nothing partial is left and the previous checkpoints are intact.
+
+    ``errno`` is the cause's (ENOSPC for a full disk) when known; ``step`` and ``root`` say what failed and
+    ``previous`` is the newest stable checkpoint still there (or None).
+    """
+
+    def __init__(self, step: int, root: Path, cause: BaseException, previous: Path | None):
+        code = getattr(cause, "errno", None)
+        if code is None:
+            m = _OS_ERROR_RE.search(str(cause))
+            code = int(m.group(1)) if m else None
+        reason = os.strerror(code) if code else f"{type(cause).__name__}: {cause}"
+        kept = f"the newest stable checkpoint is still {previous}" if previous else "there is no earlier stable checkpoint"
+        super().__init__(code or errno.EIO, f"checkpoint step {step} not written under {root}: {reason}; nothing partial was left, {kept}")
+        self.step, self.root, self.cause, self.previous = step, root, cause, previous
 
 
 def is_stable(path: str | os.PathLike[str]) -> bool:
@@ -162,8 +191,8 @@ class CheckpointWriter:
         """Write checkpoint ``step``; returns ``root/step_N`` once it is marked STABLE.
 
         Bad input (negative step, non-tensor values, a missing extra file) raises ValueError before
-        anything is touched; an I/O error removes the temporary directory and re-raises. Existing
-        checkpoints are never lost on failure.
+        anything is touched; an I/O error (a full disk included) removes what this write made and raises
+        CheckpointWriteError. Existing checkpoints are never lost on failure.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
@@ -179,7 +208,13 @@ class CheckpointWriter:
         start = time.perf_counter()
         with tele.tracer("weightwatch.trainer").start_as_current_span("ckpt.write") as span:
             span.set_attribute("rl.step", step)
-            final = self._write_atomically(step, kind, tensors, extras)
+            try:
+                final = self._write_atomically(step, kind, tensors, extras)
+            except Exception as exc:  # safetensors reports a full disk as SafetensorError, not OSError
+                err = CheckpointWriteError(step, self.root, exc, self._newest_stable())
+                span.record_exception(err)
+                _log.error("weightwatch: %s", err)
+                raise err from exc
             nbytes = sum(f.stat().st_size for f in final.iterdir() if f.is_file())
             span.set_attribute("rl.bytes", nbytes)
             write_s = time.perf_counter() - start
@@ -219,13 +254,35 @@ class CheckpointWriter:
             raise
         if self.inject_delay_ms > 0:
             time.sleep(self.inject_delay_ms / 1000.0)
-        marker = final / STABLE_MARKER
-        with open(marker, "w", encoding="utf-8") as fh:
-            json.dump({"step": step, "t": time.time(), "files": sorted(p.name for p in final.iterdir() if p.name != STABLE_MARKER)}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_dir(final)
+        marker_tmp = final / f".{STABLE_MARKER}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(marker_tmp, "w", encoding="utf-8") as fh:
+                json.dump({"step": step, "t": time.time(), "files": sorted(p.name for p in final.iterdir() if p.is_file() and not p.name.startswith("."))}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(marker_tmp, final / STABLE_MARKER)
+            _fsync_dir(final)
+        except BaseException:
+            # No marker: the directory must not stay as an unmarked step_N either (a rewrite would see it).
+            self._discard(final, step)
+            raise
         return final
+
+    def _discard(self, path: Path, step: int) -> None:
+        """Move ``path`` out of the step_N namespace first (one atomic rename), then delete it."""
+        aside = self.root / f"{_TMP_PREFIX}{step}-failed-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, aside)
+        except OSError:
+            aside = path
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def _newest_stable(self) -> Path | None:
+        try:
+            found = latest_stable(self.root)
+        except OSError:
+            return None
+        return found[1] if found else None
 
     def _prune(self) -> None:
         """Delete the oldest complete checkpoints beyond keep_last (never incomplete ones in progress)."""
@@ -237,7 +294,11 @@ class CheckpointWriter:
             _log.warning("weightwatch: pruning old checkpoints under %s failed", self.root, exc_info=True)
 
     def _remove_stale_temporaries(self) -> None:
-        """A crash mid-write leaves a temporary directory; it was never visible as step_N, so drop it."""
+        """Drop what a writer killed mid-write left: temporary directories (never visible as step_N) and a
+        step_N without its STABLE marker (killed between the rename and the marker; no poller loads it)."""
         for entry in self.root.iterdir():
             if entry.name.startswith(_TMP_PREFIX) and entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
+            elif _STEP_DIR.match(entry.name) and entry.is_dir() and not is_stable(entry):
+                _log.warning("weightwatch: removing %s: it has no %s marker (a writer died while writing it)", entry, STABLE_MARKER)
+                self._discard(entry, int(entry.name.split("_", 1)[1]))

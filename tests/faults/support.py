@@ -1,0 +1,163 @@
+"""Helpers of the fault suite: a controllable OTLP endpoint, /metrics reading, checkpoints, load windows."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import statistics
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+#: Modes of OtlpEndpoint.
+OK, CLOSED, BLACKHOLE = "ok", "closed", "blackhole"
+
+
+class OtlpEndpoint:
+    """One 127.0.0.1 port an OTLP/HTTP exporter is pointed at, switchable between three behaviours.
+
+    ``ok``: answers every POST with 200 (the collector, accepting spans; Tempo and the collector cannot run
+    here, so this is the stand-in, as the Slack sink is for Slack). ``closed``: nothing listens (connection
+    refused; open connections are reset). ``blackhole``: accepts connections, reads what is sent, never answers.
+    """
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.mode = CLOSED
+        self.requests_ok = 0
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+
+    def set_mode(self, mode: str) -> None:
+        assert mode in (OK, CLOSED, BLACKHOLE), mode
+        with self._lock:
+            old, self.mode = self.mode, mode
+            conns, self._conns = list(self._conns), set()
+        for c in conns:  # a mode change drops the connections of the old mode
+            _close(c)
+        if mode == CLOSED:
+            if self._listener is not None:
+                _close(self._listener)
+                self._listener = None
+        elif old == CLOSED or self._listener is None:
+            ls = socket.socket()
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ls.bind(("127.0.0.1", self.port))
+            ls.listen(128)
+            self._listener = ls
+            threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
+
+    def close(self) -> None:
+        self.set_mode(CLOSED)
+
+    def _accept(self, ls: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = ls.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        try:
+            while True:
+                chunk = conn.recv(1 << 16)
+                if not chunk:
+                    return
+                if self.mode != OK:
+                    continue  # black hole: read and never answer
+                buf += chunk
+                while b"\r\n\r\n" in buf:
+                    head, rest = buf.split(b"\r\n\r\n", 1)
+                    length = 0
+                    for line in head.split(b"\r\n")[1:]:
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"content-length":
+                            length = int(value.strip())
+                    if len(rest) < length:
+                        break
+                    buf = rest[length:]
+                    with self._lock:
+                        self.requests_ok += 1
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n")
+        except OSError:
+            return
+        finally:
+            _close(conn)
+
+
+def _close(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        s.close()
+    except OSError:
+        pass
+
+
+def metric_values(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def scrape(url: str, timeout: float = 10.0) -> str:
+    return httpx.get(url, timeout=timeout).text
+
+
+def make_checkpoint(model_dir: Path, root: Path, step: int, prefix: str = "faults_step_") -> Path:
+    """What the trainer would write: the served model's files in root/<prefix>N, STABLE last."""
+    d = root / f"{prefix}{step}"
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.is_file():
+            shutil.copy2(f, d / f.name)
+    (d / "STABLE").write_text("")
+    return d
+
+
+def read_ticks(path: Path) -> list[tuple[float, int, int]]:
+    """(unix_time, tokens, errors) lines of bench_inference_load's --ticks file (cumulative)."""
+    out = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 4:
+            out.append((float(parts[0]), int(parts[1]), int(parts[3])))
+    return out
+
+
+def window_rate(ticks: list[tuple[float, int, int]], start: float, end: float) -> float | None:
+    """Tokens per second between the first tick at or after ``start`` and the last at or before ``end``."""
+    inside = [t for t in ticks if start <= t[0] <= end]
+    if len(inside) < 2 or inside[-1][0] - inside[0][0] <= 0:
+        return None
+    return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+
+def pct(values: Iterable[float], q: float) -> float:
+    vs = sorted(values)
+    if not vs:
+        return float("nan")
+    if len(vs) == 1:
+        return vs[0]
+    return statistics.quantiles(vs, n=100, method="inclusive")[max(0, min(98, int(q) - 1))]
