@@ -234,6 +234,13 @@ class Metrics:
         except Exception:  # noqa: BLE001
             _log.warning("weightwatch: cannot set %s%s", name, labels, exc_info=True)
 
+    def set_function(self, name: str, fn: Any, **labels: str) -> None:
+        """Make a gauge child read ``fn()`` at scrape time (a value that grows with no thread to update it)."""
+        try:
+            self._child(name, labels).set_function(fn)
+        except Exception:  # noqa: BLE001
+            _log.warning("weightwatch: cannot bind %s%s to a function", name, labels, exc_info=True)
+
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         try:
             child = self._child(name, labels)

@@ -1,5 +1,7 @@
 """Orchestrator side of weightwatch: drop into an existing asyncio orchestrator without rewriting it.
 
+* ``AdminClient.sync_weights``: the sync of today (pause -> transfer -> resume on every server), traced
+  as one trace with a span per phase, measured per phase and server, resume guaranteed.
 * ``AdminClient``: weight updates to many inference servers in parallel on a dedicated HTTP client
   (or, on purpose, through the generation pool), traced end to end and split into queue/rpc/pool wait.
 * ``wait_for_checkpoint``: the wait for the trainer's STABLE marker, timed, with a wrong-path warning.
@@ -8,20 +10,33 @@
 """
 
 from weightwatch.orchestrator.admin_client import AdminClient
-from weightwatch.orchestrator.admin_types import AdminTimeouts, AdminUpdateError, ServerResult, UpdateResult
+from weightwatch.orchestrator.admin_types import (
+    AdminSyncError,
+    AdminTimeouts,
+    AdminUpdateError,
+    LoraAdapter,
+    ServerResult,
+    SyncResult,
+    SyncTimeouts,
+    UpdateResult,
+)
 from weightwatch.orchestrator.checkpoint_wait import CheckpointWaitTimeout, wait_for_checkpoint, wait_for_checkpoint_sync
 from weightwatch.orchestrator.generation import Batch, GenerationTracker, RolloutStats, record_rollout
 from weightwatch.orchestrator.loop_lag import start_loop_lag_probe
 
 __all__ = [
     "AdminClient",
+    "AdminSyncError",
     "AdminTimeouts",
     "AdminUpdateError",
     "Batch",
     "CheckpointWaitTimeout",
     "GenerationTracker",
+    "LoraAdapter",
     "RolloutStats",
     "ServerResult",
+    "SyncResult",
+    "SyncTimeouts",
     "UpdateResult",
     "record_rollout",
     "start_loop_lag_probe",

@@ -13,23 +13,35 @@ import logging
 import math
 import os
 import random
+import statistics
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from weightwatch import events, telemetry
-from weightwatch.contracts import ENV_ADMIN_TOKEN_FILE, PATH_BY_OP, admin_token_from_env
+from weightwatch import event_metrics, telemetry
+from weightwatch.contracts import DEFAULT_PAUSE_MODE, ENV_ADMIN_TOKEN_FILE, PATH_BY_OP, PAUSE_MODES, admin_token_from_env
 from weightwatch.orchestrator.admin_loop import AdminLoop
-from weightwatch.orchestrator.admin_types import AdminTimeouts, ServerResult, UpdateResult
-from weightwatch.orchestrator.timing import PoolWaitProbe, server_times
+from weightwatch.orchestrator.admin_record import RECORDED_BY_CALLER, record_done, record_send
+from weightwatch.orchestrator.admin_types import (
+    CANCELLED,
+    AdminTimeouts,
+    LoraAdapter,
+    ServerResult,
+    SyncResult,
+    SyncTimeouts,
+    UpdateResult,
+)
+from weightwatch.orchestrator.timing import PoolWaitProbe
 
 _log = logging.getLogger("weightwatch.orchestrator")
 
+T = TypeVar("T")
 PATHS = PATH_BY_OP
 #: Backoff before retry n (1-based) is uniform in [d/2, d] with d = min(backoff_max, backoff_base * 2**(n-1)).
 DEFAULT_BACKOFF_BASE = 0.25
@@ -78,6 +90,19 @@ def _explain(status: int, path: str, body: Any, text: str) -> str:
     return msg
 
 
+@dataclass(frozen=True)
+class _Send:
+    """What every attempt of one call sends and logs."""
+
+    url: str
+    op: str
+    params: dict[str, str] | None
+    step: int | None
+    phase: str | None
+    budget_s: float
+    pool: str
+
+
 class _Attempt:
     """What one HTTP attempt produced."""
 
@@ -95,6 +120,24 @@ class _Attempt:
     @property
     def ok(self) -> bool:
         return self.reason is None and self.status is not None
+
+
+def straggler_ms(times: Sequence[float]) -> float:
+    """The slowest server's time minus the median server's (0 for one server)."""
+    return max(times) - statistics.median(times) if times else 0.0
+
+
+async def _run_to_completion(coro: Coroutine[Any, Any, T]) -> tuple[T, bool]:
+    """Await ``coro`` to its end even if the caller is cancelled meanwhile; say whether it was."""
+    task = asyncio.ensure_future(coro)
+    cancelled = False
+    while True:
+        try:
+            return await asyncio.shield(task), cancelled
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
 
 
 class AdminClient:
@@ -149,6 +192,7 @@ class AdminClient:
         self._admin_loop: AdminLoop | None = AdminLoop() if own_loop else None
         self._client: httpx.AsyncClient | None = client
         self._instrumented = False
+        self._versions: dict[str, int] = {}  # server label -> the step its last successful transfer loaded
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -215,6 +259,46 @@ class AdminClient:
         body = {"weight_dir": os.path.abspath(os.fspath(weight_dir))}
         return await self._run(self._fan_out("update_weights", body, step, timeouts or self.timeouts))
 
+    async def sync_weights(
+        self,
+        weight_dir: str | os.PathLike[str] | None,
+        step: int,
+        *,
+        mode: str = DEFAULT_PAUSE_MODE,
+        clear_cache: bool = False,
+        timeouts: SyncTimeouts | None = None,
+        lora: LoraAdapter | None = None,
+    ) -> SyncResult:
+        """The sync of today on every server: pause all, then update all, then resume all (each phase in parallel).
+
+        * Resume always runs, on every server, once the pause phase has started: after a failed pause or
+          update, after an exception and after cancellation (it is shielded; a cancelled caller gets its
+          CancelledError once every resume has answered or run out of budget). A resume without a pause
+          is harmless on the server, so no server is left paused because its pause "failed" after taking effect.
+        * A failed pause on any server skips the transfer on every server: updating only the paused ones
+          would leave servers on different weights (version skew); the sync fails with ``pause_failed``
+          and every server keeps the version it had.
+        * ``lora``: a LoRA run's transfer (``/load_lora_adapter``) instead of ``/update_weights``.
+
+        Never raises for a server's failure (``result.raise_for_failures()``); raises ValueError for bad input.
+        """
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        if timeouts is not None and not isinstance(timeouts, SyncTimeouts):
+            raise TypeError(f"timeouts must be a SyncTimeouts, got {type(timeouts).__name__}")
+        if lora is not None:
+            if not isinstance(lora, LoraAdapter):
+                raise TypeError(f"lora must be a LoraAdapter, got {type(lora).__name__}")
+            transfer_op, body = "load_lora_adapter", {"lora_name": lora.name, "lora_path": lora.path}
+        else:
+            if not isinstance(weight_dir, str | os.PathLike) or not os.fspath(weight_dir):
+                raise ValueError(f"weight_dir must be a path, got {weight_dir!r}")
+            transfer_op, body = "update_weights", {"weight_dir": os.path.abspath(os.fspath(weight_dir))}
+        params = {"mode": mode, "clear_cache": "true" if clear_cache else "false"}
+        return await self._run(self._sync(step, transfer_op, body, params, mode, timeouts or SyncTimeouts()))
+
     async def reload_weights(self, *, timeouts: AdminTimeouts | None = None) -> UpdateResult:
         """Tell every server to reload the model's own weights from disk."""
         return await self._run(self._fan_out("reload_weights", None, None, timeouts or self.timeouts))
@@ -263,7 +347,7 @@ class AdminClient:
             "weights.update", kind=SpanKind.CLIENT, attributes=attrs
         ) as span:
             trace_id = telemetry.current_trace_id()
-            results = list(await asyncio.gather(*(self._call_server(op, s, body, timeouts) for s in self.servers)))
+            results = list(await asyncio.gather(*(self._call_server(op, s, body, timeouts, step=step) for s in self.servers)))
             wall_ms = (time.perf_counter() - t0) * 1000.0
             span.set_attribute("rl.wall_ms", round(wall_ms, 3))
             failed = [r for r in results if not r.ok]
@@ -272,28 +356,143 @@ class AdminClient:
                 span.set_status(Status(StatusCode.ERROR, f"{len(failed)} of {len(results)} servers failed"))
             elif step is not None and op == "update_weights":
                 tele.metrics.set("rl_checkpoint_step", step)
+            if step is not None and op == "update_weights":
+                for r in results:
+                    if r.ok:
+                        self._versions[_label(r.server)] = step
         return UpdateResult(op=op, step=step, wall_ms=wall_ms, trace_id=trace_id, servers=results)
 
-    async def _call_server(self, op: str, server: str, body: dict[str, Any] | None, timeouts: AdminTimeouts) -> ServerResult:
+    async def _sync(
+        self, step: int, transfer_op: str, body: dict[str, Any], params: dict[str, str], mode: str, timeouts: SyncTimeouts
+    ) -> SyncResult:
+        tracer = telemetry.get().tracer("weightwatch.orchestrator")
+        t0 = time.perf_counter()
+        phases: dict[str, list[ServerResult]] = {}
+        reason: str | None = None
+        cancelled = False
+        with tracer.start_as_current_span(
+            "weights.sync", attributes={"rl.step": step, "rl.servers": len(self.servers), "rl.mode": mode, "rl.op": transfer_op}
+        ) as span:
+            tid = telemetry.current_tid()
+            trace_id = telemetry.current_trace_id()
+            event_metrics.emit("weights.sync.start", tid, step=step, servers=len(self.servers), t=time.time(), mode=mode)
+            try:
+                phases["pause"] = await self._phase("pause", "pause", None, params, step, timeouts.pause)
+                if all(r.ok for r in phases["pause"]):
+                    phases["transfer"] = await self._phase("transfer", transfer_op, body, None, step, timeouts.transfer)
+                    if not all(r.ok for r in phases["transfer"]):
+                        reason = "transfer_failed"
+                else:
+                    reason = "pause_failed"
+            except asyncio.CancelledError:
+                cancelled, reason = True, CANCELLED
+            except Exception:  # noqa: BLE001 - the resume below must still run; the error is in the result
+                _log.exception("weightwatch: weight sync to step %d failed unexpectedly", step)
+                reason = "error"
+            finally:
+                resume, cancelled_in_resume = await _run_to_completion(self._phase("resume", "resume", None, None, step, timeouts.resume))
+                phases["resume"] = resume
+                cancelled = cancelled or cancelled_in_resume
+            if cancelled:
+                reason = CANCELLED
+            elif reason is None and not all(r.ok for r in resume):
+                reason = "resume_failed"
+            result = self._sync_result(step, trace_id, phases, reason, (time.perf_counter() - t0) * 1000.0)
+            self._sync_done(span, tid, result)
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
+
+    async def _phase(
+        self, phase: str, op: str, body: dict[str, Any] | None, params: dict[str, str] | None, step: int, timeouts: AdminTimeouts
+    ) -> list[ServerResult]:
+        """One phase on every server in parallel, under one weights.sync.phase span."""
+        tracer = telemetry.get().tracer("weightwatch.orchestrator")
+        with tracer.start_as_current_span("weights.sync.phase", attributes={"rl.phase": phase, "rl.op": op}) as span:
+            t0 = time.perf_counter()
+            calls = (self._call_server(op, s, body, timeouts, params=params, step=step, phase=phase) for s in self.servers)
+            results = list(await asyncio.gather(*calls))
+            span.set_attribute("rl.wall_ms", round((time.perf_counter() - t0) * 1000.0, 3))
+            span.set_attribute("rl.straggler_ms", round(straggler_ms([r.wall_ms for r in results]), 3))
+            failed = [r for r in results if not r.ok]
+            if failed:
+                span.set_attribute("rl.failed", len(failed))
+                span.set_status(Status(StatusCode.ERROR, f"{phase} failed on {len(failed)} of {len(results)} servers"))
+            return results
+
+    def _sync_result(
+        self, step: int, trace_id: str | None, phases: dict[str, list[ServerResult]], reason: str | None, wall_ms: float
+    ) -> SyncResult:
+        for r in phases.get("transfer", []):
+            if r.ok:
+                self._versions[_label(r.server)] = step
+        return SyncResult(
+            step=step,
+            wall_ms=wall_ms,
+            trace_id=trace_id,
+            phases=phases,
+            phase_ms={p: max(r.wall_ms for r in rs) for p, rs in phases.items() if rs},
+            straggler_ms={p: straggler_ms([r.wall_ms for r in rs]) for p, rs in phases.items() if rs},
+            versions={_label(s): self._versions.get(_label(s)) for s in self.servers},
+            transfer_skipped="transfer" not in phases,
+            reason=reason,
+        )
+
+    def _sync_done(self, span: trace.Span, tid: str, result: SyncResult) -> None:
+        span.set_attribute("rl.wall_ms", round(result.wall_ms, 3))
+        span.set_attribute("rl.ok", result.ok)
+        if not result.ok:
+            span.set_attribute("rl.failure_reason", result.reason or "failed")
+            span.set_status(Status(StatusCode.ERROR, result.reason or "failed"))
+        extra: dict[str, Any] = {"servers": len(self.servers)}
+        for phase, gap in result.straggler_ms.items():
+            extra[f"{phase}_straggler_ms"] = gap
+        if result.reason:
+            extra["reason"] = result.reason
+        event_metrics.emit(
+            "weights.sync.done",
+            tid,
+            step=result.step,
+            wall_ms=result.wall_ms,
+            pause_ms=result.phase_ms.get("pause"),
+            transfer_ms=result.phase_ms.get("transfer"),
+            resume_ms=result.phase_ms.get("resume"),
+            ok=result.ok,
+            **extra,
+        )
+
+    async def _call_server(
+        self,
+        op: str,
+        server: str,
+        body: dict[str, Any] | None,
+        timeouts: AdminTimeouts,
+        *,
+        params: dict[str, str] | None = None,
+        step: int | None = None,
+        phase: str | None = None,
+    ) -> ServerResult:
         tele = telemetry.get()
         label = _label(server)
         url = server + PATHS[op]
+        pool = "shared" if self._shared else "dedicated"
         with tele.tracer("weightwatch.orchestrator").start_as_current_span(
             "weights.update.server",
             kind=SpanKind.CLIENT,
-            attributes={"rl.op": op, "rl.server": label, "url.full": url, "rl.pool": "shared" if self._shared else "dedicated"},
+            attributes={"rl.op": op, "rl.server": label, "url.full": url, "rl.pool": pool},
         ) as span:
             tid = telemetry.current_tid()
             t0 = time.perf_counter()
             attempts = 0
             last: _Attempt | None = None
             probe = PoolWaitProbe()
+            send = _Send(url=url, op=op, params=params, step=step, phase=phase, budget_s=timeouts.total, pool=pool)
             try:
                 async with asyncio.timeout(timeouts.total):
                     while True:
                         attempts += 1
                         probe = PoolWaitProbe()
-                        last = await self._attempt(op, url, body, timeouts, tid, attempts, probe)
+                        last = await self._attempt(send, body, timeouts, tid, attempts, probe)
                         if last.ok or not last.retryable or attempts > self.retries:
                             break
                         await asyncio.sleep(self._backoff(attempts))
@@ -309,18 +508,23 @@ class AdminClient:
                     last.error += f"; still waiting for a pool connection after {probe.pool_wait_ms(now):.0f} ms"
                 if previous is not None and previous.probe is not probe:
                     last.error += f"; an earlier attempt failed with {previous.reason}: {previous.error}"
+            except asyncio.CancelledError:
+                # The caller gave up (a cancelled sync): close the call so it is not left "in flight" forever.
+                cut = _Attempt(probe)
+                cut.reason, cut.error = CANCELLED, f"cancelled after {attempts} attempt(s)"
+                self._finish(send, server, label, tid, span, cut, (time.perf_counter() - t0) * 1000.0, attempts)
+                raise
             except Exception as exc:  # noqa: BLE001 - a bug here must not take the orchestrator down
                 _log.exception("weightwatch: admin call to %s failed unexpectedly", url)
                 last = _Attempt(PoolWaitProbe())
                 last.reason, last.error = "transport", f"{type(exc).__name__}: {exc}"
             wall_ms = (time.perf_counter() - t0) * 1000.0
             assert last is not None
-            return self._finish(op, server, label, url, tid, span, last, wall_ms, attempts)
+            return self._finish(send, server, label, tid, span, last, wall_ms, attempts)
 
-    async def _attempt(
-        self, op: str, url: str, body: dict[str, Any] | None, timeouts: AdminTimeouts, tid: str, attempt: int, probe: PoolWaitProbe
-    ) -> _Attempt:
+    async def _attempt(self, send: _Send, body: dict[str, Any] | None, timeouts: AdminTimeouts, tid: str, attempt: int, probe: PoolWaitProbe) -> _Attempt:
         client = self._http()
+        url, op = send.url, send.op
         headers = {"accept": "application/json"}
         if self.token:
             headers["authorization"] = f"Bearer {self.token}"
@@ -328,23 +532,29 @@ class AdminClient:
             propagate.inject(headers)  # W3C traceparent from the weights.update.server span
         probe.start = time.perf_counter()
         result = _Attempt(probe)
-        events.emit(
-            "weights.client.send", tid, url=url, op=op, t=time.time(), attempt=attempt, pool="shared" if self._shared else "dedicated"
+        record_send(
+            tid, url, op, attempt=attempt, step=send.step, budget_s=send.budget_s, phase=send.phase, pool=send.pool,
+            mode=(send.params or {}).get("mode"),
         )
+        token = RECORDED_BY_CALLER.set(True)  # the httpx instrumentor, if on, must not record this call again
         try:
-            resp = await client.post(url, json=body, headers=headers, timeout=self._httpx_timeout(timeouts), extensions={"trace": probe})
+            resp = await client.post(
+                url, json=body, params=send.params, headers=headers, timeout=self._httpx_timeout(timeouts), extensions={"trace": probe}
+            )
         except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             result.reason, result.retryable = "timeout", True
             result.error = f"{type(exc).__name__} to {url} after connect={timeouts.connect:g}s/pool={timeouts.pool_seconds:g}s"
             return result
         except httpx.TimeoutException as exc:
-            result.reason = "timeout"  # a read/write timeout: the server may still be reloading; no retry
+            result.reason = "timeout"  # a read/write timeout: the server may still be working; no retry
             result.error = f"{type(exc).__name__}: no answer from {url} within read={timeouts.read:g}s"
             return result
         except httpx.TransportError as exc:
             result.reason, result.retryable = "transport", True
             result.error = f"{type(exc).__name__} talking to {url}: {exc or 'connection failed'}"
             return result
+        finally:
+            RECORDED_BY_CALLER.reset(token)
         result.status, result.headers = resp.status_code, resp.headers
         try:
             result.body = resp.json()
@@ -352,86 +562,32 @@ class AdminClient:
             result.body = None
         if 200 <= resp.status_code < 300:
             return result
-        path = PATHS[op]
-        result.error = _explain(resp.status_code, path, result.body, resp.text)
+        result.error = _explain(resp.status_code, PATHS[op], result.body, resp.text)
         if resp.status_code >= 500:
             result.reason, result.retryable = "http_5xx", True
         else:
             result.reason = "http_4xx"
         return result
 
-    def _finish(
-        self, op: str, server: str, label: str, url: str, tid: str, span: trace.Span, a: _Attempt, wall_ms: float, attempts: int
-    ) -> ServerResult:
+    def _finish(self, send: _Send, server: str, label: str, tid: str, span: trace.Span, a: _Attempt, wall_ms: float, attempts: int) -> ServerResult:
         """Turn the last attempt into a ServerResult, metrics, span attributes and the client.done event."""
-        metrics = telemetry.get().metrics
-        ok = a.ok
-        server_ms = rpc_ms = queue_ms = None
-        if ok:
-            server_ms, rpc_ms = server_times(a.body, a.headers)
-            if server_ms is not None:
-                queue_ms = max(0.0, wall_ms - server_ms)
-        pool_wait_ms = a.probe.pool_wait_ms(time.perf_counter() if a.reason == "timeout" else None)
-        trace_id = telemetry.current_trace_id()
-        result = ServerResult(
+        pool_wait_ms = a.probe.pool_wait_ms(time.perf_counter() if a.reason in ("timeout", CANCELLED) else None)
+        return record_done(
+            span,
+            tid,
             server=server,
-            op=op,
-            ok=ok,
-            wall_ms=wall_ms,
-            queue_ms=queue_ms,
-            server_ms=server_ms,
-            rpc_ms=rpc_ms,
-            pool_wait_ms=pool_wait_ms,
+            label=label,
+            url=send.url,
+            op=send.op,
             status=a.status,
+            body=a.body,
+            headers=a.headers,
             reason=a.reason,
             error=a.error,
+            wall_ms=wall_ms,
+            pool_wait_ms=pool_wait_ms,
             attempts=attempts,
-            trace_id=trace_id,
-            body=a.body,
+            step=send.step,
+            phase=send.phase,
+            phase_ms=wall_ms if send.phase else None,
         )
-        labels = {"op": op, "server": label}
-        if pool_wait_ms is not None:
-            metrics.observe("rl_weight_update_pool_wait_seconds", pool_wait_ms / 1000.0, **labels)
-        if ok:
-            metrics.observe("rl_weight_update_wall_seconds", wall_ms / 1000.0, **labels)
-            if queue_ms is not None:
-                metrics.observe("rl_weight_update_queue_seconds", queue_ms / 1000.0, **labels)
-            if rpc_ms is not None:
-                metrics.observe("rl_weight_update_rpc_seconds", rpc_ms / 1000.0, **labels)
-            # NaN when unknown: a stale number from an earlier update would be a lie.
-            metrics.set("rl_weight_update_last_queue_seconds", queue_ms / 1000.0 if queue_ms is not None else math.nan, **labels)
-            metrics.set("rl_weight_update_last_success_timestamp_seconds", time.time(), **labels)
-        else:
-            metrics.inc("rl_weight_update_failures_total", 1.0, op=op, server=label, reason=a.reason or "transport")
-            _log.warning("weightwatch: %s on %s failed (%s): %s", op, label, a.reason, a.error)
-
-        for key, value in (
-            ("rl.wall_ms", wall_ms),
-            ("rl.queue_ms", queue_ms),
-            ("rl.server_ms", server_ms),
-            ("rl.rpc_ms", rpc_ms),
-            ("rl.pool_wait_ms", pool_wait_ms),
-        ):
-            if value is not None:
-                span.set_attribute(key, round(value, 3))
-        span.set_attribute("rl.attempts", attempts)
-        span.set_attribute("rl.timing_known", server_ms is not None)
-        if a.status is not None:
-            span.set_attribute("http.response.status_code", a.status)
-        if not ok:
-            span.set_attribute("rl.failure_reason", a.reason or "transport")
-            span.set_status(Status(StatusCode.ERROR, a.error or a.reason or "failed"))
-
-        extra: dict[str, Any] = {
-            "server_ms": server_ms,
-            "pool_wait_ms": pool_wait_ms,
-            "status": a.status,
-            "ok": ok,
-            "attempts": attempts,
-            "op": op,
-            "url": url,
-        }
-        if not ok:
-            extra["reason"] = a.reason or "transport"
-        events.emit("weights.client.done", tid, wall_ms=wall_ms, rpc_ms=rpc_ms, queue_ms=queue_ms, **extra)
-        return result
