@@ -26,10 +26,12 @@ ENV_INJECT_DELAY_MS = "WEIGHTWATCH_INJECT_DELAY_MS"
 ENV_INJECT_FAIL = "WEIGHTWATCH_INJECT_FAIL"
 ENV_INJECT_RPC_DELAY_MS = "WEIGHTWATCH_INJECT_RPC_DELAY_MS"
 
-#: --hung-update without its own budget: a 30 s transfer budget and a 20 s load, so the call is in flight past
-#: half its budget (15 s) for about 5 s, long enough for the age metric, the alert and the analyzer, then ends.
-HUNG_UPDATE_BUDGET_S = 30.0
-HUNG_UPDATE_DELAY_MS = 20_000.0
+#: --hung-update without its own budget: a 60 s transfer budget and a load of 90 % of it (54 s), so the call is in
+#: flight past half its budget (30 s) for 24 s and then ends. AdminCallHung waits 15 s (``for: 15s``) once a call
+#: passes half its budget, so with the budget below about 40 s the alert could not fire before the call ends.
+HUNG_UPDATE_BUDGET_S = 60.0
+HUNG_DELAY_FRACTION = 0.9
+HUNG_UPDATE_DELAY_MS = HUNG_UPDATE_BUDGET_S * 1000 * HUNG_DELAY_FRACTION
 
 
 class FaultPlanError(ValueError):
@@ -99,7 +101,8 @@ def plan_faults(
         raise FaultPlanError(f"--servers must be at least 1, got {servers}")
     needs_two = [name for name, on in (("--straggler", straggler_ms > 0), ("--version-skew", version_skew)) if on]
     if needs_two and servers < 2:
-        notes.append(f"{' and '.join(needs_two)} need two servers: starting 2")
+        verb = "needs" if len(needs_two) == 1 else "need"
+        notes.append(f"{' and '.join(needs_two)} {verb} two servers: starting 2")
         servers = 2
     if sync == "bare" and (slow_pause_ms or hung_update):
         which = "--slow-pause" if slow_pause_ms else "--hung-update"
@@ -118,7 +121,7 @@ def plan_faults(
         expected.append("pause_slow")
     if hung_update:
         budget = budgets["update_weights"]
-        delay = float(hung_delay_ms) if hung_delay_ms else min(HUNG_UPDATE_DELAY_MS, budget * 1000 * (1 + HUNG_BUDGET_FRACTION) / 2)
+        delay = float(hung_delay_ms) if hung_delay_ms else budget * 1000 * HUNG_DELAY_FRACTION
         if not budget * 1000 * HUNG_BUDGET_FRACTION < delay < budget * 1000:
             raise FaultPlanError(
                 f"--hung-delay {delay:g} ms must lie between half the update budget ({budget * 500:g} ms) and all of it "

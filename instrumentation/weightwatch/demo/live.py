@@ -102,6 +102,7 @@ class InFlight:
     op: str
     server: str
     since: float  # the client.send's t (epoch seconds)
+    budget_s: float | None = None  # the caller's budget for the call (client.send's budget_s), when it says
 
 
 def _server_of(url: object) -> str:
@@ -186,7 +187,7 @@ class LiveState:
             server = _server_of(ev["url"])
             key = (ev.tid, op, server)
             if key not in self.inflight_calls:  # a retry keeps the first attempt's start: the caller has waited since
-                self.inflight_calls[key] = InFlight(op, server, ev["t"] if ev["t"] is not None else time.time())
+                self.inflight_calls[key] = InFlight(op, server, ev["t"] if ev["t"] is not None else time.time(), _float(ev.get("budget_s")))
         elif k == "ckpt.wait.start":
             self.waiting_for = ev["target_step"]
         elif k == "ckpt.wait.done":
@@ -222,6 +223,13 @@ class LiveState:
             )
         elif k == "ckpt.write.done":
             self.trainer_step, self.last_write_ms = ev["step"], ev["write_ms"]
+
+
+def _float(v: object) -> float | None:
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
 
 
 def _int(v: object) -> int | None:
@@ -299,7 +307,7 @@ class LiveView:
         out = []
         for key, call in sorted(self.state.inflight_calls.items(), key=lambda kv: kv[1].since):
             age = max(0.0, now - call.since)
-            budget = self.budgets_s.get(call.op)
+            budget = call.budget_s if call.budget_s is not None else self.budgets_s.get(call.op)
             hung = budget is not None and age > budget * HUNG_BUDGET_FRACTION
             of = f" of its {budget:g} s budget" if budget is not None else ""
             text = f"in flight: {call.op} on {call.server} for {age:.0f} s{of}" + ("  <- past half: hung" if hung else "")

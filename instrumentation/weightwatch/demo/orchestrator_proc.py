@@ -35,9 +35,10 @@ from urllib.parse import urlsplit
 import httpx
 
 import weightwatch
+from weightwatch import telemetry
 from weightwatch.contracts import DEFAULT_PAUSE_MODE, PAUSE_MODES, PRIME_RL_BUDGETS_S
 from weightwatch.demo.layout import RunLayout, write_rollouts
-from weightwatch.orchestrator import AdminClient, AdminTimeouts, GenerationTracker, record_rollout, wait_for_checkpoint
+from weightwatch.orchestrator import AdminClient, AdminTimeouts, GenerationTracker, SyncTimeouts, record_rollout, wait_for_checkpoint
 from weightwatch.telemetry import start_loop_lag_probe
 from weightwatch.trainer import latest_stable
 
@@ -148,11 +149,7 @@ class Orchestrator:
             timeout=httpx.Timeout(connect=10.0, read=120.0, write=30.0, pool=None),
         )
         update = self._budget(args.update_budget)
-        self.timeouts = None
-        if args.sync == "today":
-            from weightwatch.orchestrator import SyncTimeouts
-
-            self.timeouts = SyncTimeouts(pause=self._budget(args.pause_budget), transfer=update, resume=self._budget(args.resume_budget))
+        self.timeouts = SyncTimeouts(pause=self._budget(args.pause_budget), transfer=update, resume=self._budget(args.resume_budget))
         if args.admin == "shared":
             self.admin_urls = list(self.api_urls)
             self.admin = AdminClient(self.admin_urls, timeouts=update, client=self.gen)
@@ -265,6 +262,10 @@ class Orchestrator:
         args = self.args
         self.model = await self._model_name()
         probe = start_loop_lag_probe("rl_orchestrator_event_loop_lag_seconds")
+        # Every server starts on the model's own weights, which are checkpoint 0: say so before the first sync, so
+        # a server that never takes an update shows as behind (rl_weight_version), not as absent.
+        for url in self.admin_urls:
+            telemetry.get().metrics.set("rl_weight_version", 0, server=urlsplit(url).netloc)
         if args.admin == "lane":
             await self.admin.warm_up()  # open the connection before step 0, as a long-running orchestrator has it
         workers: list[asyncio.Task[None]] = []
