@@ -258,7 +258,8 @@ def test_cancelled_sync_still_resumes_every_server(tele, admin_servers, caplog) 
     done = [e for e in weight_events(caplog) if e.name == "sync.done"]
     assert len(done) == 1 and done[0]["ok"] == 0 and done[0]["reason"] == "cancelled"
     cancelled = [e for e in weight_events(caplog) if e.name == "client.done" and e.get("reason") == "cancelled"]
-    assert len(cancelled) == 1 and cancelled[0]["url"] == a.url + "/update_weights"
+    assert a.url + "/update_weights" in {e["url"] for e in cancelled}  # (b's update may have been cut too)
+    assert {e["op"] for e in cancelled} == {"update_weights"}
     # a cancelled call is neither a failure nor a success, and it is no longer in flight
     assert sample(tele, "rl_weight_update_failures_total", op="update_weights", server=a.label, reason="cancelled") is None
     assert scrape(tele, "rl_admin_call_inflight_age_seconds", op="update_weights", server=a.label) == 0

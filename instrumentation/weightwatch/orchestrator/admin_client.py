@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import random
-import statistics
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -24,10 +23,17 @@ import httpx
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from weightwatch import event_metrics, telemetry
+from weightwatch import telemetry
 from weightwatch.contracts import DEFAULT_PAUSE_MODE, ENV_ADMIN_TOKEN_FILE, PATH_BY_OP, PAUSE_MODES, admin_token_from_env
 from weightwatch.orchestrator.admin_loop import AdminLoop
-from weightwatch.orchestrator.admin_record import RECORDED_BY_CALLER, record_done, record_send
+from weightwatch.orchestrator.admin_record import (
+    RECORDED_BY_CALLER,
+    record_done,
+    record_send,
+    record_sync_done,
+    record_sync_start,
+    straggler_ms,
+)
 from weightwatch.orchestrator.admin_types import (
     CANCELLED,
     AdminTimeouts,
@@ -120,11 +126,6 @@ class _Attempt:
     @property
     def ok(self) -> bool:
         return self.reason is None and self.status is not None
-
-
-def straggler_ms(times: Sequence[float]) -> float:
-    """The slowest server's time minus the median server's (0 for one server)."""
-    return max(times) - statistics.median(times) if times else 0.0
 
 
 async def _run_to_completion(coro: Coroutine[Any, Any, T]) -> tuple[T, bool]:
@@ -375,7 +376,7 @@ class AdminClient:
         ) as span:
             tid = telemetry.current_tid()
             trace_id = telemetry.current_trace_id()
-            event_metrics.emit("weights.sync.start", tid, step=step, servers=len(self.servers), t=time.time(), mode=mode)
+            record_sync_start(tid, step=step, servers=len(self.servers), t=time.time(), mode=mode)
             try:
                 phases["pause"] = await self._phase("pause", "pause", None, params, step, timeouts.pause)
                 if all(r.ok for r in phases["pause"]):
@@ -439,26 +440,16 @@ class AdminClient:
         )
 
     def _sync_done(self, span: trace.Span, tid: str, result: SyncResult) -> None:
-        span.set_attribute("rl.wall_ms", round(result.wall_ms, 3))
-        span.set_attribute("rl.ok", result.ok)
-        if not result.ok:
-            span.set_attribute("rl.failure_reason", result.reason or "failed")
-            span.set_status(Status(StatusCode.ERROR, result.reason or "failed"))
-        extra: dict[str, Any] = {"servers": len(self.servers)}
-        for phase, gap in result.straggler_ms.items():
-            extra[f"{phase}_straggler_ms"] = gap
-        if result.reason:
-            extra["reason"] = result.reason
-        event_metrics.emit(
-            "weights.sync.done",
+        record_sync_done(
+            span,
             tid,
             step=result.step,
+            servers=len(self.servers),
             wall_ms=result.wall_ms,
-            pause_ms=result.phase_ms.get("pause"),
-            transfer_ms=result.phase_ms.get("transfer"),
-            resume_ms=result.phase_ms.get("resume"),
+            phase_ms=result.phase_ms,
+            straggler=result.straggler_ms,
             ok=result.ok,
-            **extra,
+            reason=result.reason,
         )
 
     async def _call_server(

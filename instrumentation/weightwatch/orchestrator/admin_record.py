@@ -8,8 +8,9 @@ the same whichever way it was made.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -134,3 +135,51 @@ def record_done(
         extra["reason"] = reason or "transport"
     event_metrics.emit("weights.client.done", tid, wall_ms=wall_ms, rpc_ms=rpc_ms, queue_ms=queue_ms, **extra)
     return result
+
+
+def straggler_ms(times: Sequence[float]) -> float:
+    """The slowest server's time minus the median server's (0 for one server)."""
+    return max(times) - statistics.median(times) if times else 0.0
+
+
+def record_sync_start(tid: str, *, step: int, servers: int, t: float, mode: str | None = None) -> None:
+    """The ``sync.start`` event; ``t`` is when the first pause was sent (Unix seconds)."""
+    event_metrics.emit("weights.sync.start", tid, step=step, servers=servers, t=t, **({"mode": mode} if mode else {}))
+
+
+def record_sync_done(
+    span: trace.Span,
+    tid: str,
+    *,
+    step: int,
+    servers: int,
+    wall_ms: float,
+    phase_ms: Mapping[str, float],
+    straggler: Mapping[str, float],
+    ok: bool,
+    reason: str | None,
+) -> None:
+    """Close one sync: the weights.sync span's attributes and the ``sync.done`` event (and so its metrics)."""
+    span.set_attribute("rl.wall_ms", round(wall_ms, 3))
+    span.set_attribute("rl.ok", ok)
+    if step >= 0:
+        span.set_attribute("rl.step", step)
+    if not ok:
+        span.set_attribute("rl.failure_reason", reason or "failed")
+        span.set_status(Status(StatusCode.ERROR, reason or "failed"))
+    extra: dict[str, Any] = {"servers": servers}
+    for phase, gap in straggler.items():
+        extra[f"{phase}_straggler_ms"] = gap
+    if reason:
+        extra["reason"] = reason
+    event_metrics.emit(
+        "weights.sync.done",
+        tid,
+        step=step,
+        wall_ms=wall_ms,
+        pause_ms=phase_ms.get("pause"),
+        transfer_ms=phase_ms.get("transfer"),
+        resume_ms=phase_ms.get("resume"),
+        ok=ok,
+        **extra,
+    )

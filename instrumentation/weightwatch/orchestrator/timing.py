@@ -86,9 +86,34 @@ class PoolWaitProbe:
         self.connected_new = False
 
     async def __call__(self, event_name: str, info: dict[str, Any]) -> None:
+        self.on_event(event_name)
+
+    def on_event(self, event_name: str) -> None:
+        """The synchronous half (httpx.Client calls its ``trace`` callback without awaiting)."""
         if self.acquired is None and event_name in _CONNECTION_ACQUIRED:
             self.acquired = time.perf_counter()
             self.connected_new = event_name.startswith("connection.")
+
+    def chained_async(self, user: Any) -> Any:
+        """A ``trace`` callback for an async client that feeds this probe and then the caller's own callback."""
+        if user is None:
+            return self
+
+        async def trace(event_name: str, info: dict[str, Any]) -> None:
+            self.on_event(event_name)
+            await user(event_name, info)
+
+        return trace
+
+    def chained_sync(self, user: Any) -> Any:
+        """The same for a sync client."""
+
+        def trace(event_name: str, info: dict[str, Any]) -> None:
+            self.on_event(event_name)
+            if user is not None:
+                user(event_name, info)
+
+        return trace
 
     def pool_wait_ms(self, now: float | None = None) -> float | None:
         """Ms spent before owning a connection; while still waiting (a pool timeout), up to ``now``."""
