@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from conftest import free_port, require_binary
+from test_dashboards import GEN, dashboards, metric_names, panel_queries
 from test_dashboards_live import Prometheus, check_every_query
 from test_stack_support import DEPLOY, SlackSink
 from weightwatch.events import Event, parse_line
@@ -150,7 +151,7 @@ def _fault_run(base: Path, tiny_model: Path, name: str, args: tuple[str, ...], d
         run.seconds["run"] = time.monotonic() - running
         run.posts = sink.snapshot()
         end = time.time()
-        run.dashboards = check_every_query(_Running(stack.prometheus_url), end - run.seconds["run"], end)
+        run.dashboards = check_every_query(_Running(stack.prometheus_url), end - run.seconds["run"], end, skip=_vllm_transfer_engine_only)
         run.seconds["total"] = time.monotonic() - t0
         # the CI budget of these runs, for whoever reads the log (-s) or the run directory
         timings = {"seconds": run.seconds, "posted_after_orchestrator_start_s": {
@@ -169,6 +170,22 @@ def _fault_run(base: Path, tiny_model: Path, name: str, args: tuple[str, ...], d
         if stack is not None:
             stack.stop()
         sink.close()
+
+
+def _vllm_transfer_engine_only(expr: str) -> bool:
+    """Panels on vLLM's own RL transfer metrics, which exist only where vLLM's `update_info` routes ran (the demo
+    loads weights from a directory, prime-rl's filesystem shape); their panels show a no-data text instead."""
+    return any(n.removesuffix(suffix) in GEN.VLLM_OPTIONAL_METRICS
+               for n in metric_names(expr) for suffix in ("_bucket", "_sum", "_count", ""))
+
+
+def _assert_every_panel_has_data(run: FaultRun) -> None:
+    result = run.dashboards
+    assert result["checked"], "no panel queries ran"
+    assert not result["failures"], "panels without data:\n" + "\n".join(result["failures"])
+    # only the panels on vLLM's transfer-engine metrics were left out, and those are few
+    skipped = [e for d in dashboards().values() for w, e in panel_queries(d) if w in result["skipped"]]
+    assert all(_vllm_transfer_engine_only(e) for e in skipped) and len(skipped) <= 4, result["skipped"]
 
 
 HUNG_ALERTS = ("AdminCallHung",)
@@ -239,9 +256,7 @@ def test_hung_update_shows_in_the_live_view(hung_run: FaultRun):
 
 
 def test_hung_run_feeds_every_dashboard_panel(hung_run: FaultRun):
-    result = hung_run.dashboards
-    assert result["checked"], "no panel queries ran"
-    assert not result["failures"], "panels without data:\n" + "\n".join(result["failures"])
+    _assert_every_panel_has_data(hung_run)
 
 
 # --------------------------------------------------------------------------- --slow-pause --straggler --version-skew
@@ -273,6 +288,4 @@ def test_skew_run_live_view_shows_phases_and_versions(skew_run: FaultRun):
 
 
 def test_skew_run_feeds_every_dashboard_panel(skew_run: FaultRun):
-    result = skew_run.dashboards
-    assert result["checked"], "no panel queries ran"
-    assert not result["failures"], "panels without data:\n" + "\n".join(result["failures"])
+    _assert_every_panel_has_data(skew_run)
