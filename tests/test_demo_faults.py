@@ -283,7 +283,7 @@ def test_skew_run_alerts_reach_slack_naming_server_and_phase(skew_run: FaultRun)
 
 def test_skew_run_live_view_shows_phases_and_versions(skew_run: FaultRun):
     text = skew_run.text()
-    assert "sync step" in text and "pause" in text and "transfer" in text and "resume" in text
+    assert "sync to ckpt" in text and "pause" in text and "transfer" in text and "resume" in text
     assert "FAILED update_weights" in text
 
 

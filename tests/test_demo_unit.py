@@ -323,7 +323,7 @@ def test_live_view_shows_sync_phases_slowest_server_versions_and_hung_calls(tmp_
     assert f"transfer     3100 ms ({a})" in printed and f"FAILED update_weights {b}" in printed
     assert f"in flight: update_weights on {b} for 40 s of its 60 s budget  <- past half: hung" in printed
     screen = view.screen()
-    assert "weight version per server" in screen and "SKEW" in screen and "sync step   2" in screen and "in flight" in screen
+    assert "weight version per server" in screen and "SKEW" in screen and "sync to ckpt   2" in screen and "in flight" in screen
     assert "syncs 1  p50/p99  pause 1500 / 1500 ms" in view.summary()
     view.render()
     assert out.getvalue() == printed  # the hung call is reported once, the finished sync once

@@ -85,7 +85,7 @@ class SyncRow:
         return server, by_server[server]
 
     def line(self) -> str:
-        parts = [f"sync step {_n(self.step):>3}  wall {_ms(self.wall_ms)}"]
+        parts = [f"sync to ckpt {_n(self.step):>3}  wall {_ms(self.wall_ms)}"]
         for phase in PHASES:
             slow = self.slowest(phase)
             ms = self.phase_ms.get(phase)
