@@ -195,3 +195,135 @@ def test_run_dir_layout_names(tmp_path):
     assert layout.spans("inference") == tmp_path / "r" / "inference.spans.jsonl"
     assert layout.weights == tmp_path / "r" / "weights" and layout.weights.is_dir()
     assert Path(layout.rollout_file(3)).name == "step_3.jsonl"
+
+
+# --------------------------------------------------------------------------- the sync of today: fault plan, live view
+
+
+def test_fault_plan_per_switch():
+    from weightwatch.demo.faults import ENV_INJECT_DELAY_MS, ENV_INJECT_FAIL, plan_faults
+
+    assert [s.env() for s in plan_faults().servers] == [{}]
+    slow = plan_faults(slow_pause_ms=1500, servers=2)
+    assert [s.env() for s in slow.servers] == [{ENV_INJECT_DELAY_MS: "pause=1500"}] * 2 and slow.expected == ("pause_slow",)
+    # the straggler needs a second server to straggle against: one is added, and only the last is slowed
+    strag = plan_faults(straggler_ms=3000)
+    assert strag.count == 2 and strag.notes and [s.env() for s in strag.servers] == [{}, {ENV_INJECT_DELAY_MS: "update_weights=3000"}]
+    skew = plan_faults(version_skew=True)
+    assert [s.env() for s in skew.servers] == [{}, {ENV_INJECT_FAIL: "update_weights"}] and skew.expected == ("version_skew",)
+    # together: the failing server cannot straggle (it answers at once), so the straggler is the other one
+    both = plan_faults(straggler_ms=3000, version_skew=True, slow_pause_ms=1500)
+    assert [s.env() for s in both.servers] == [
+        {ENV_INJECT_DELAY_MS: "pause=1500,update_weights=3000"},
+        {ENV_INJECT_DELAY_MS: "pause=1500", ENV_INJECT_FAIL: "update_weights"},
+    ]
+    assert set(both.expected) == {"pause_slow", "straggler", "version_skew"}
+
+
+def test_fault_plan_hung_update_sits_between_half_and_all_of_its_budget():
+    from weightwatch.catalogue import HUNG_BUDGET_FRACTION
+    from weightwatch.demo.faults import ENV_INJECT_DELAY_MS, FaultPlanError, plan_faults
+
+    plan = plan_faults(hung_update=True)
+    budget = plan.budgets_s["update_weights"]
+    delay = float(plan.servers[0].env()[ENV_INJECT_DELAY_MS].split("=")[1])
+    assert budget * 1000 * HUNG_BUDGET_FRACTION < delay < budget * 1000
+    # AdminCallHung holds for 15 s past half the budget before it fires: the default leaves room for that
+    assert delay - budget * 1000 * HUNG_BUDGET_FRACTION > 15_000
+    custom = plan_faults(hung_update=True, update_budget_s=100)
+    assert custom.budgets_s["update_weights"] == 100 and "update_weights=90000" in custom.servers[0].env()[ENV_INJECT_DELAY_MS]
+    for bad in (10_000, 70_000):  # under half the budget: not hung; over all of it: cut off, never ends
+        with pytest.raises(FaultPlanError, match="between half the update budget"):
+            plan_faults(hung_update=True, hung_delay_ms=bad)
+    with pytest.raises(FaultPlanError, match="drop --sync bare"):
+        plan_faults(hung_update=True, sync="bare")
+    assert plan_faults().budgets_s == {"pause": 300.0, "update_weights": 720.0, "resume": 300.0}
+
+
+def test_cli_sync_defaults_and_refusals(tmp_path, capsys):
+    assert demo_cli.resolve_sync(_parse()) == "today"
+    assert demo_cli.resolve_sync(_parse("--admin", "shared")) == "bare"  # a pause through the shared pool deadlocks
+    assert demo_cli.resolve_sync(_parse("--admin", "shared", "--sync", "today")) is None
+    assert "--sync bare with --admin shared" in capsys.readouterr().err
+    a = _parse("--admin", "shared", "--sync", "today", "--run-dir", str(tmp_path / "r"))
+    assert demo_cli.run(a) == 2
+    assert "freezes the generation streams" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    a = _parse("--server-url", "http://127.0.0.1:1", "--version-skew", "--run-dir", str(tmp_path / "r"))
+    assert demo_cli.run(a) == 2
+    assert "WEIGHTWATCH_INJECT_FAIL=update_weights" in capsys.readouterr().err
+    for bad in (["--servers", "0"], ["--sync", "sideways"], ["--update-budget", "0"], ["--hung-delay", "-1"]):
+        with pytest.raises(SystemExit):
+            _parse(*bad)
+
+
+def test_cli_server_addresses_for_several_servers():
+    a = _parse("--servers", "2")
+    addrs = demo_cli._server_addresses(a, 2, "127.0.0.1")
+    assert [(s.role, s.api_url, s.admin_url) for s in addrs] == [
+        ("inference", "http://127.0.0.1:8000", "http://127.0.0.1:8001"),
+        ("inference-1", "http://127.0.0.1:8002", "http://127.0.0.1:8003"),
+    ]
+    a = _parse("--server-url", "http://h:9000", "--server-url", "http://h:9010", "--admin-url", "http://h:9001", "--admin-url", "http://h:9011")
+    assert [s.admin_url for s in demo_cli._server_addresses(a, 2, "127.0.0.1")] == ["http://h:9001", "http://h:9011"]
+
+
+def test_orchestrator_refuses_a_sync_through_the_shared_pool():
+    from weightwatch.demo import orchestrator_proc
+
+    args = orchestrator_proc.build_parser().parse_args(["--run-dir", "x", "--api-url", "http://h:1", "--admin", "shared"])
+    with pytest.raises(SystemExit, match="cannot run the sync of today"):
+        orchestrator_proc.check_args(args)
+    args.sync = "bare"
+    orchestrator_proc.check_args(args)
+    lane = orchestrator_proc.build_parser().parse_args(["--run-dir", "x", "--api-url", "http://h:1", "--api-url", "http://h:3",
+                                                        "--admin-url", "http://h:2"])
+    with pytest.raises(SystemExit, match="one --admin-url"):
+        orchestrator_proc.check_args(lane)
+
+
+def _sync_lines(tid: str, step: int, calls: list[tuple[str, str, float, bool]], t: float, done: bool = True) -> list[str]:
+    lines = [format_event("weights.sync.start", tid, step=step, servers=2, t=t)]
+    for op, server, wall, ok in calls:
+        url = f"http://{server}/{op}"
+        lines.append(format_event("weights.client.send", tid, url=url, op=op, t=t, step=step, budget_s=60))
+        lines.append(format_event("weights.client.done", tid, wall_ms=wall, rpc_ms=wall / 2, queue_ms=1.0, op=op, url=url,
+                                  ok=1 if ok else 0, step=step))
+    if done:
+        phase = {"pause": 0.0, "transfer": 0.0, "resume": 0.0}
+        for op, _s, wall, _ok in calls:
+            key = {"pause": "pause", "update_weights": "transfer", "resume": "resume"}[op]
+            phase[key] = max(phase[key], wall)
+        lines.append(format_event("weights.sync.done", tid, step=step, wall_ms=sum(phase.values()), pause_ms=phase["pause"],
+                                  transfer_ms=phase["transfer"], resume_ms=phase["resume"], ok=int(all(c[3] for c in calls))))
+    return lines
+
+
+def test_live_view_shows_sync_phases_slowest_server_versions_and_hung_calls(tmp_path):
+    layout = RunLayout.create(tmp_path)
+    a, b = "127.0.0.1:8001", "127.0.0.1:8003"
+    now = time.time()
+    lines = _sync_lines("t1", 1, [("pause", a, 1500.0, True), ("pause", b, 1490.0, True), ("update_weights", a, 3100.0, True),
+                                  ("update_weights", b, 40.0, False), ("resume", a, 20.0, True), ("resume", b, 25.0, True)], now - 100)
+    # a second sync whose update to b is still in flight, 40 s of its 60 s budget
+    lines += [format_event("weights.sync.start", "t2", step=2, servers=2, t=now - 41),
+              format_event("weights.client.send", "t2", url=f"http://{b}/update_weights", op="update_weights", t=now - 40,
+                           step=2, budget_s=60)]
+    layout.log("orchestrator").write_text("\n".join(lines) + "\n")
+    out = io.StringIO()
+    view = LiveView({"orchestrator": layout.log("orchestrator")}, "sync=today", out=out, live=False)
+    view.poll()
+    s = view.state
+    row = s.syncs[0]
+    assert row.slowest("pause") == (a, 1500.0) and row.slowest("transfer") == (a, 3100.0) and row.slowest("resume") == (b, 25.0)
+    assert row.ok is False and row.failed == [f"update_weights {b}"]
+    assert s.versions == {a: 1, b: None}  # b failed its only update: it still serves what it started with
+    assert s.all_phase["pause"] == [1500.0] and s.all_wall == [3100.0, 40.0]  # pause/resume calls are not "updates"
+    view.render()
+    printed = out.getvalue()
+    assert f"transfer     3100 ms ({a})" in printed and f"FAILED update_weights {b}" in printed
+    assert f"in flight: update_weights on {b} for 40 s of its 60 s budget  <- past half: hung" in printed
+    screen = view.screen()
+    assert "weight version per server" in screen and "SKEW" in screen and "sync to ckpt   2" in screen and "in flight" in screen
+    assert "syncs 1  p50/p99  pause 1500 / 1500 ms" in view.summary()
+    view.render()
+    assert out.getvalue() == printed  # the hung call is reported once, the finished sync once

@@ -1,14 +1,18 @@
-"""The demo's orchestrator process: streaming generation load, checkpoint waits, a weight update every step.
+"""The demo's orchestrator process: streaming generation load, checkpoint waits, a weight sync every step.
 
-* ``--concurrency`` workers each stream ``/v1/completions`` back to back through one httpx client
-  whose pool holds ``--pool-size`` connections (more workers than connections, like an RL
-  orchestrator's rollout client): the load that admin calls compete with.
-* Step N: wait for checkpoint ``max(0, N - async_level)`` (``ckpt.wait``), load the newest complete
-  checkpoint on the server (``weights.update``) through the admin lane (a dedicated client to the
-  admin port) or, with ``--admin shared``, through the generation client's pool; then collect a
-  batch of ``--batch-size`` completions whose weights are at most ``async_level`` steps old
-  (``gen.batch``), record truncation and staleness (``[rollout]``) and hand the batch to the trainer
-  as ``RUN/rollouts/step_N.jsonl``.
+* ``--concurrency`` workers each stream ``/v1/completions`` back to back, spread over the servers
+  (``--api-url`` once per server), through one httpx client per server whose pool holds ``--pool-size``
+  connections (more workers than connections, like an RL orchestrator's rollout client): the load
+  that admin calls compete with.
+* Step N: wait for checkpoint ``max(0, N - async_level)`` (``ckpt.wait``), then load the newest complete
+  checkpoint on every server. ``--sync today`` (default): ``AdminClient.sync_weights``, prime-rl's
+  sequence of today (pause every server, update every server, resume every server; ``weights.sync``);
+  ``--sync bare``: the seed-era single ``POST /update_weights`` (``weights.update``). Admin calls go
+  through the admin lanes (a dedicated client to each ``--admin-url``) or, with ``--admin shared``,
+  through the generation client's pool. Then collect a batch of ``--batch-size`` completions whose
+  weights are at most ``async_level`` steps old (``gen.batch``; each completion carries the version
+  of the server that made it), record truncation and staleness (``[rollout]``) and hand the batch to
+  the trainer as ``RUN/rollouts/step_N.jsonl``.
 
 Run by ``weightwatch demo``; standalone: ``python -m weightwatch.demo.orchestrator_proc --run-dir RUN --api-url URL``.
 """
@@ -26,26 +30,40 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
 import weightwatch
+from weightwatch import telemetry
+from weightwatch.contracts import DEFAULT_PAUSE_MODE, PAUSE_MODES, PRIME_RL_BUDGETS_S
 from weightwatch.demo.layout import RunLayout, write_rollouts
-from weightwatch.orchestrator import AdminClient, AdminTimeouts, GenerationTracker, record_rollout, wait_for_checkpoint
+from weightwatch.orchestrator import AdminClient, AdminTimeouts, GenerationTracker, SyncTimeouts, record_rollout, wait_for_checkpoint
 from weightwatch.telemetry import start_loop_lag_probe
 from weightwatch.trainer import latest_stable
 
 _log = logging.getLogger("weightwatch.demo.orchestrator")
 
 
+SYNC_MODES = ("today", "bare")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m weightwatch.demo.orchestrator_proc", description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", type=Path, required=True)
-    p.add_argument("--api-url", required=True, help="the server's OpenAI API, e.g. http://127.0.0.1:8000")
-    p.add_argument("--admin-url", default=None, help="the server's admin lane, e.g. http://127.0.0.1:8001 (lane mode)")
+    p.add_argument("--api-url", action="append", required=True,
+                   help="a server's OpenAI API, e.g. http://127.0.0.1:8000 (repeat for more servers)")
+    p.add_argument("--admin-url", action="append", default=None,
+                   help="that server's admin lane, e.g. http://127.0.0.1:8001 (lane mode; repeat, in --api-url's order)")
     p.add_argument("--admin", choices=("lane", "shared"), default="lane")
+    p.add_argument("--sync", choices=SYNC_MODES, default="today",
+                   help="today: pause -> update -> resume on every server (AdminClient.sync_weights); bare: one POST /update_weights")
+    p.add_argument("--pause-mode", choices=PAUSE_MODES, default=DEFAULT_PAUSE_MODE)
+    p.add_argument("--pause-budget", type=float, default=PRIME_RL_BUDGETS_S["pause"], help="seconds one pause call may take")
+    p.add_argument("--update-budget", type=float, default=PRIME_RL_BUDGETS_S["update_weights"], help="seconds one update call may take")
+    p.add_argument("--resume-budget", type=float, default=PRIME_RL_BUDGETS_S["resume"], help="seconds one resume call may take")
     p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--pool-size", type=int, default=16)
+    p.add_argument("--pool-size", type=int, default=16, help="pooled connections per server")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--async-level", type=int, default=2)
@@ -55,6 +73,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: until stopped)")
     p.add_argument("--seed", type=int, default=0)
     return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse combinations that cannot work, with the reason (SystemExit)."""
+    for name in ("concurrency", "pool_size", "batch_size", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    if args.async_level < 0:
+        raise SystemExit("--async-level must be >= 0")
+    for name in ("pause_budget", "update_budget", "resume_budget"):
+        value = getattr(args, name)
+        if not (value > 0 and value != float("inf")):
+            raise SystemExit(f"--{name.replace('_', '-')} must be a finite number of seconds > 0")
+    if args.admin == "lane":
+        if not args.admin_url or len(args.admin_url) != len(args.api_url):
+            raise SystemExit("--admin lane needs one --admin-url (the server's admin port) per --api-url")
+    if len(set(args.api_url)) != len(args.api_url):
+        raise SystemExit(f"duplicate --api-url: {args.api_url}")
+    if args.admin == "shared" and args.sync == "today":
+        raise SystemExit(SHARED_PAUSE_DEADLOCK)
+
+
+#: Why ``--admin shared`` takes the bare update: a pause through the generation pool holds the very streams that
+#: occupy every pooled connection, so the update and the resume behind them could never get one.
+SHARED_PAUSE_DEADLOCK = (
+    "--admin shared cannot run the sync of today: a pause (mode keep) freezes the generation streams that hold every "
+    "connection of the shared pool, so the update and the resume would wait for a connection until their budgets run "
+    "out, and the engine would stay paused. Use --sync bare with --admin shared (the seed-era update), or the lane."
+)
 
 
 @dataclass
@@ -85,7 +132,9 @@ class Orchestrator:
         self.args = args
         self.layout = layout
         self.stop = asyncio.Event()
-        self.loaded_step = 0  # the server starts on the model's own weights, which are checkpoint 0
+        self.api_urls = [u.rstrip("/") for u in args.api_url]
+        # The weight version each server serves (its own weights are checkpoint 0); completions carry their server's.
+        self.versions = [0 for _ in self.api_urls]
         self.buffer: deque[Completion] = deque()
         self.arrived = asyncio.Event()
         self.tracker = GenerationTracker()
@@ -94,33 +143,47 @@ class Orchestrator:
         self.errors = 0
         self.model = ""
         # Generation: more workers than pooled connections, no pool timeout (waiting is the point).
+        pool = args.pool_size * len(self.api_urls)
         self.gen = httpx.AsyncClient(
-            base_url=args.api_url,
-            limits=httpx.Limits(max_connections=args.pool_size, max_keepalive_connections=args.pool_size),
+            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
             timeout=httpx.Timeout(connect=10.0, read=120.0, write=30.0, pool=None),
         )
-        timeouts = AdminTimeouts(connect=10.0, read=120.0, total=300.0)
+        update = self._budget(args.update_budget)
+        self.timeouts = SyncTimeouts(pause=self._budget(args.pause_budget), transfer=update, resume=self._budget(args.resume_budget))
         if args.admin == "shared":
-            self.admin = AdminClient([args.api_url], timeouts=timeouts, client=self.gen)
+            self.admin_urls = list(self.api_urls)
+            self.admin = AdminClient(self.admin_urls, timeouts=update, client=self.gen)
         else:
-            if not args.admin_url:
-                raise SystemExit("--admin lane needs --admin-url (the server's admin port)")
+            self.admin_urls = [u.rstrip("/") for u in args.admin_url]
             # The lane on the client side too: the dedicated AdminClient runs its calls on its own thread
             # and event loop (own_loop), so a generation loop busy parsing streamed tokens cannot delay them.
-            self.admin = AdminClient([args.admin_url], timeouts=timeouts, own_loop=True)
+            self.admin = AdminClient(self.admin_urls, timeouts=update, own_loop=True)
+
+    @staticmethod
+    def _budget(total: float) -> AdminTimeouts:
+        # read as long as the whole budget: an update that takes longer than the read timeout would be cut
+        # short as a read timeout before the budget (the thing the age metric measures against) runs out
+        return AdminTimeouts(connect=min(10.0, total), read=total, total=total)
+
+    def _server_index(self, server: str) -> int | None:
+        """Which server a result is about (results name it by URL or by host:port, the ``server`` label)."""
+        netloc = urlsplit(server).netloc or server
+        for i, url in enumerate(self.admin_urls):
+            if urlsplit(url).netloc == netloc:
+                return i
+        return None
 
     async def _model_name(self) -> str:
-        resp = await self.gen.get("/v1/models")
+        resp = await self.gen.get(self.api_urls[0] + "/v1/models")
         resp.raise_for_status()
         return str(resp.json()["data"][0]["id"])
 
-
-    async def _stream_one(self, prompt: str) -> tuple[str, str | None]:
+    async def _stream_one(self, api_url: str, prompt: str) -> tuple[str, str | None]:
         body = {"model": self.model, "prompt": prompt, "max_tokens": self.args.max_tokens, "temperature": 1.0, "stream": True,
                 "seed": self.rng.randrange(1 << 30)}
         text: list[str] = []
         finish: str | None = None
-        async with self.gen.stream("POST", "/v1/completions", json=body) as resp:
+        async with self.gen.stream("POST", api_url + "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
                 await resp.aread()
                 raise httpx.HTTPStatusError(f"HTTP {resp.status_code}: {resp.text[:200]}", request=resp.request, response=resp)
@@ -135,13 +198,14 @@ class Orchestrator:
                 finish = choice.get("finish_reason") or finish
         return "".join(text), finish
 
-    async def worker(self) -> None:
+    async def worker(self, server: int) -> None:
+        api_url = self.api_urls[server]
         while not self.stop.is_set():
             prompt = self.rng.choice(self.prompts)
-            ckpt = self.loaded_step
+            ckpt = self.versions[server]
             try:
                 with self.tracker.request():
-                    text, finish = await self._stream_one(prompt)
+                    text, finish = await self._stream_one(api_url, prompt)
             except asyncio.CancelledError:
                 raise
             except (httpx.HTTPError, ValueError, KeyError) as exc:
@@ -178,21 +242,36 @@ class Orchestrator:
         if newest is None:
             return
         ckpt_step, path = newest
-        result = await self.admin.update_weights(path, step=ckpt_step)
-        if result.ok:
-            self.loaded_step = ckpt_step
+        if self.args.sync == "today":
+            sync = await self.admin.sync_weights(path, ckpt_step, mode=self.args.pause_mode, clear_cache=False, timeouts=self.timeouts)
+            transfers = list(sync.phases.get("transfer", []))
+            failed = [r for phase in sync.phases.values() for r in phase if not r.ok]
         else:
-            _log.warning("weight update to step %d failed: %s", ckpt_step, "; ".join(f"{r.reason}: {r.error}" for r in result.failed))
+            bare = await self.admin.update_weights(path, step=ckpt_step)
+            transfers = list(bare.servers)
+            failed = list(bare.failed)
+        for r in transfers:
+            i = self._server_index(r.server)
+            if r.ok and i is not None:
+                self.versions[i] = ckpt_step
+        if failed:
+            _log.warning("weight %s to step %d failed: %s", "sync" if self.args.sync == "today" else "update", ckpt_step,
+                         "; ".join(f"{r.op} {r.server} {r.reason}: {r.error}" for r in failed))
 
     async def run(self) -> int:
         args = self.args
         self.model = await self._model_name()
         probe = start_loop_lag_probe("rl_orchestrator_event_loop_lag_seconds")
+        # Every server starts on the model's own weights, which are checkpoint 0: say so before the first sync, so
+        # a server that never takes an update shows as behind (rl_weight_version), not as absent.
+        for url in self.admin_urls:
+            telemetry.get().metrics.set("rl_weight_version", 0, server=urlsplit(url).netloc)
         if args.admin == "lane":
             await self.admin.warm_up()  # open the connection before step 0, as a long-running orchestrator has it
         workers: list[asyncio.Task[None]] = []
-        _log.info("orchestrator ready: model=%s admin=%s concurrency=%d pool=%d batch=%d async_level=%d",
-                  self.model, args.admin, args.concurrency, args.pool_size, args.batch_size, args.async_level)
+        _log.info("orchestrator ready: model=%s servers=%d sync=%s admin=%s concurrency=%d pool=%d batch=%d async_level=%d",
+                  self.model, len(self.api_urls), args.sync, args.admin, args.concurrency, args.pool_size, args.batch_size,
+                  args.async_level)
         step = 0
         try:
             while not self.stop.is_set() and (args.max_steps <= 0 or step < args.max_steps):
@@ -201,7 +280,8 @@ class Orchestrator:
                     break
                 if not workers:
                     # Like a real orchestrator: load the first checkpoint, then start generating with it.
-                    workers = [asyncio.create_task(self.worker(), name=f"gen-{i}") for i in range(args.concurrency)]
+                    workers = [asyncio.create_task(self.worker(i % len(self.api_urls)), name=f"gen-{i}")
+                               for i in range(args.concurrency)]
                 async with self.tracker.batch(args.batch_size, step=step) as batch:
                     items = await self.collect(step, args.batch_size)
                     batch.completions = len(items)
@@ -248,11 +328,7 @@ async def _amain(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("concurrency", "pool_size", "batch_size", "max_tokens"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
-    if args.async_level < 0:
-        raise SystemExit("--async-level must be >= 0")
+    check_args(args)
     layout = RunLayout.create(args.run_dir)
     if args.admin == "lane":
         # Admin calls run on their own thread (AdminClient own_loop); a thread that waits on sockets gives up the GIL at every
