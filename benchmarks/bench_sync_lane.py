@@ -276,7 +276,7 @@ def main() -> None:
         res = json.loads(args.report_only.read_text())
     else:
         res = run(args)
-        args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        args.out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
     text = report(res)
     print(text)
     if not args.report_only:
