@@ -47,7 +47,9 @@ PORTS = ("lane", "main")
 BUDGET = {"pause": 300.0, "update": 720.0, "resume": 300.0}
 
 
-def start_load(server: VllmServer, model: Path, streams: int, seconds: float, warmup: float, ticks: Path, out: Path) -> subprocess.Popen[bytes]:
+def start_load(
+    server: VllmServer, model: Path, streams: int, seconds: float, warmup: float, ticks: Path, out: Path
+) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, str(HERE / "bench_inference_load.py"), "--url", server.base_url, "--model", str(model),
            "--streams", str(streams), "--duration", str(seconds), "--warmup", str(warmup), "--spread", "0.5",
            "--ticks", str(ticks), "--tick-every", "0.5", "--out", str(out)]  # fmt: skip
@@ -168,7 +170,11 @@ def run(args: argparse.Namespace) -> dict:
 
     model = make_tiny_model(args.model or Path(os.environ.get("WEIGHTWATCH_TINY_MODEL_DIR") or tempfile.mkdtemp()) / "model")
     work = Path(tempfile.mkdtemp(prefix="bench_sync_lane_"))
-    res: dict = {"run_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg_start": os.getloadavg(), "args": vars(args) | {"model": str(model)}}
+    res: dict = {
+        "run_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "loadavg_start": os.getloadavg(),
+        "args": vars(args) | {"model": str(model)},
+    }
     server = start_weightwatch_server(model, work / "server", vllm_args=[*SERVER_ARGS, *args.vllm_arg])
     load = None
     try:
