@@ -309,3 +309,25 @@ def test_update_method_of_a_worker_extension_gets_the_directory_positionally(tel
         assert fake.calls == [("rpc", "update_weights_from_path", (str(step.resolve()),), {})]
         r = httpx.post(f"{url}/reload_weights", timeout=15)  # the model's own weights: always vLLM's reload_weights
         assert r.status_code == 200 and fake.calls[-1][:2] == ("rpc", "reload_weights")
+
+
+def test_lane_connections_have_tcp_nodelay(tele, tmp_path):
+    """A response written as two segments must not wait for the client's delayed ACK (~40 ms per call in a
+    back-to-back pause -> update -> resume): the lane's accepted sockets need TCP_NODELAY."""
+    import socket
+
+    from weightwatch.inference.lane import AdminLane, build_lane_app
+
+    service = AdminService(InferenceConfig(), _model(tmp_path))
+    lane = AdminLane(build_lane_app(service, FakeEngine().calls_obj()), "127.0.0.1", 0)
+    port = lane.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=15) as client:
+            assert client.post("/pause").status_code == 200  # the connection stays open (keep-alive)
+            conns = list(lane._server.server_state.connections)
+            assert conns, "uvicorn tracks the open connection"
+            for conn in conns:
+                sock = conn.transport.get_extra_info("socket")
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        lane.stop()

@@ -274,8 +274,12 @@ class AdminLane:
 
         import uvicorn
 
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and accepted
+        # sockets inherit it. Without it, a response written as two segments (headers, body) waits for the
+        # client's delayed ACK: ~40 ms on every call of a back-to-back sequence (pause -> update -> resume).
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((self.host, self.port))  # bind here so a busy port fails loudly in the caller
         sock.listen(2048)
         self.port = int(sock.getsockname()[1])
