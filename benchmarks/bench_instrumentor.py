@@ -213,7 +213,7 @@ def measure(a: argparse.Namespace, work: Path) -> dict[str, Any]:
             target = {
                 "admin_url": f"{server.admin_url}/update_weights",
                 "admin_body": {"weight_dir": str(ckpt)},
-                "headers": server.admin_headers,
+                "headers": server.admin_headers(),
                 "gen_url": f"{server.base_url}/v1/completions",
                 "model": server.model_name,
                 "what": "weightwatch serve (vLLM CPU, tiny model): POST /update_weights on the admin lane",
