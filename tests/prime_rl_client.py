@@ -19,8 +19,16 @@ BUDGETS_S = {"pause": 300.0, "resume": 300.0, "update_weights": 720.0}
 
 
 class PrimeRLStyleAdmin:
-    def __init__(self, servers: Sequence[str], *, attempts: int = 3, backoff_s: float = 0.02, budgets_s: dict[str, float] | None = None):
-        self.clients = [httpx.AsyncClient(base_url=s) for s in servers]
+    def __init__(
+        self,
+        servers: Sequence[str],
+        *,
+        attempts: int = 3,
+        backoff_s: float = 0.02,
+        budgets_s: dict[str, float] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        self.clients = [httpx.AsyncClient(base_url=s, headers=headers) for s in servers]
         self.attempts, self.backoff_s = attempts, backoff_s
         self.budgets_s = {**BUDGETS_S, **(budgets_s or {})}
 

