@@ -39,14 +39,12 @@ TAG_PATTERN = r"\[(?:" + "|".join(TAGS) + r")\](?:\[([^\]" + WHITESPACE + r"]*)\
 TAG_NAME_PATTERN = r"\[(" + "|".join(TAGS) + r")\]"
 
 
-def tid_pattern(tag: str) -> str:
-    """The ``[TID]`` right after the first ``[tag]`` of a line (group 1; no group when absent)."""
-    return r"\[" + tag + r"\](?:\[([^\]" + WHITESPACE + r"]*)\])?"
+def head_pattern(tag: str) -> str:
+    """The head after the first ``[tag]`` of a line: its ``[TID]`` (group ``tid``, absent when there is none) and the
+    first token after them (group ``name``: the event name, or a field of [rollout])."""
+    return r"\[" + tag + r"\](?:\[(?P<tid>[^\]" + WHITESPACE + r"]*)\])?" + _WS + "*(?P<name>" + _NOT_WS + "*)"
 
 
-def name_pattern(tag: str) -> str:
-    """The first token after the first ``[tag]`` and its ``[TID]`` (group 1): the event name, or a field of [rollout]."""
-    return r"\[" + tag + r"\](?:\[[^\]" + WHITESPACE + r"]*\])?" + _WS + "*(" + _NOT_WS + "*)"
 #: ANSI colour and cursor sequences (stripped before anything else).
 ANSI_PATTERN = r"\x1b\[[0-9;?]*[ -/]*[@-~]"
 #: Numbers as the grammar accepts them: decimal, ASCII digits, no underscores, no inf/nan words.

@@ -53,15 +53,15 @@ def ops_of_paths(paths: pl.Series) -> pl.Series:
 
 @dataclass
 class Source:
-    """Events of one source: a polars frame in ``scan.SCHEMA`` (``seq`` orders them), lines, what was skipped."""
+    """Events of one source, per event key as polars frames (``seq`` orders them), its lines, what was skipped."""
 
     source: str
     origin: str = "log"  # "log" or "spans"
-    blocks: list[pl.DataFrame] = field(default_factory=list)
+    blocks: dict[str, list[pl.DataFrame]] = field(default_factory=dict)
     lines: int = 0
     rejected: Counter = field(default_factory=Counter)
     samples: dict[str, list[str]] = field(default_factory=dict)
-    _frame: pl.DataFrame | None = None
+    _of: dict[str, pl.DataFrame] = field(default_factory=dict)
 
     def reject(self, reason: str, line: str) -> None:
         cat = reason_category(reason)
@@ -70,40 +70,56 @@ class Source:
         if len(kept) < SAMPLES_PER_REASON:
             kept.append(line[:500])
 
+    def add_frames(self, frames: dict[str, pl.DataFrame], offset: int = 0) -> None:
+        for key, f in frames.items():
+            self.blocks.setdefault(key, []).append(f.with_columns(pl.col("seq") + offset) if offset else f)
+        self._of.clear()
+
     def add_block(self, data: bytes) -> None:
         """Parse one newline-aligned block that follows what was added so far."""
         block = scan.scan(data)
         for _seq, why in block.rejected:
             self.reject(why.reason, why.line)
-        if block.frame.height:
-            self.blocks.append(block.frame.with_columns(pl.col("seq") + self.lines) if self.lines else block.frame)
+        self.add_frames(block.frames, self.lines)
         self.lines += block.lines
-        self._frame = None
 
     def append(self, later: Source) -> None:
         """Append a later piece of the same stream (a rotated file)."""
-        self.blocks.extend(f.with_columns(pl.col("seq") + self.lines) for f in later.blocks)
+        for key, fs in later.blocks.items():
+            self.add_frames({key: pl.concat(fs, how="vertical")}, self.lines)
         self.lines += later.lines
         self.rejected.update(later.rejected)
         for cat, lines in later.samples.items():
             kept = self.samples.setdefault(cat, [])
             kept.extend(lines[: max(0, SAMPLES_PER_REASON - len(kept))])
-        self._frame = None
+
+    def of(self, key: str) -> pl.DataFrame:
+        """The events of one key in line order, with every SCHEMA column (null where the event has no such field)."""
+        got = self._of.get(key)
+        if got is None:
+            fs = self.blocks.get(key)
+            got = scan.conform(pl.concat(fs, how="vertical", rechunk=True)).sort("seq") if fs else scan.empty_frame()
+            self._of[key] = got
+        return got
 
     @property
     def frame(self) -> pl.DataFrame:
-        if self._frame is None:
-            self._frame = pl.concat(self.blocks, how="vertical", rechunk=True) if self.blocks else scan.empty_frame()
-            self.blocks = [self._frame] if self.blocks else []
-        return self._frame
+        """Every event in one frame (SCHEMA), in line order."""
+        return scan.conformed([self.of(k) for k in self.blocks])
 
     @property
     def events(self) -> int:
-        return self.frame.height
+        return sum(f.height for fs in self.blocks.values() for f in fs)
 
-    def of(self, key: str) -> pl.DataFrame:
-        """The events of one key, in line order."""
-        return self.frame.filter(pl.col("key") == key)
+    def last_time(self) -> float | None:
+        """The latest time the source speaks of: event times, and answers' arrival (send time + wall)."""
+        best = None
+        for key in self.blocks:
+            f = self.of(key)
+            t = f.select(pl.max_horizontal(pl.col("t").max(), (pl.col("t") + pl.col("wall_ms") / 1000.0).max())).item()
+            if t is not None and (best is None or t > best):
+                best = float(t)
+        return best
 
 
 # --------------------------------------------------------------------------- span files
@@ -175,5 +191,6 @@ def spans_to_source(source: str, lines: Iterable[str]) -> Source:
     if rows:
         data = {c: [r[2].get(c) for r in rows] for c in scan.SCHEMA if c != "seq"}
         data["seq"] = list(range(len(rows)))
-        p.blocks.append(pl.DataFrame(data, schema=scan.SCHEMA))
+        f = pl.DataFrame(data, schema=scan.SCHEMA)
+        p.add_frames({str(k): g for (k,), g in f.partition_by("key", as_dict=True).items()})
     return p

@@ -31,7 +31,7 @@ UPDATE_SCHEMA: dict[str, Any] = {
 }
 _SEND_COLS = ["source", "seq", "tid", "server", "op", "t", "step", "budget_s"]
 _DONE_COLS = ["source", "seq", "tid", "server", "op", "wall_ms", "rpc_ms", "queue_ms", "server_ms", "pool_wait_ms", "status", "ok",
-              "attempts", "step", "reason"]
+              "attempts", "step"]
 
 
 def _client(src: Source, key: str, cols: list[str]) -> pl.DataFrame:
@@ -103,7 +103,7 @@ def server_halves(sources: Sequence[Source]) -> list[dict[str, Any]]:
     for group in (logs, spans):
         mine: list[dict[str, Any]] = []
         for src in group:
-            f = src.frame.filter(pl.col("key").is_in(["weights.server.recv", "weights.rpc.start", "weights.rpc.done"]))
+            f = pl.concat([src.of(k) for k in ("weights.server.recv", "weights.rpc.start", "weights.rpc.done")])
             if not f.height:
                 continue
             f = f.with_columns(pl.coalesce(pl.col("op"), ops_of_paths(f["path"]).alias("p")).alias("op"))

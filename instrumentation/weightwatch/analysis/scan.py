@@ -25,9 +25,9 @@ from weightwatch.catalogue import EVENTS, EVENTS_BY_KEY
 
 #: Extra ``key=value`` fields the analyzer reads, per event, with their kind (what the emitters write).
 EXTRAS: dict[str, dict[str, str]] = {
-    "weights.client.send": {"step": "int", "attempt": "int", "budget_s": "float"},
+    "weights.client.send": {"step": "int", "budget_s": "float"},
     "weights.client.done": {"server_ms": "float", "pool_wait_ms": "float", "status": "int", "ok": "int", "attempts": "int",
-                            "op": "str", "url": "str", "server": "str", "step": "int", "reason": "str"},
+                            "op": "str", "url": "str", "server": "str", "step": "int"},
     "weights.sync.start": {},
     "weights.sync.done": {},
     "rollout": {"async_level": "int"},
@@ -56,11 +56,26 @@ _VALID = {"float": "^(?:" + events.FLOAT_PATTERN + "|" + events.UNKNOWN + ")$", 
 
 @dataclass
 class Block:
-    """One block's events (a polars frame in SCHEMA), its rejected lines and its line count."""
+    """One block's events (per event key, a frame of ``seq``, ``key``, ``tid`` and that event's columns), its
+    rejected lines and its line count."""
 
-    frame: pl.DataFrame
+    frames: dict[str, pl.DataFrame]
     rejected: list[tuple[int, events.Rejected]] = field(default_factory=list)  # (seq, why)
     lines: int = 0
+
+    @property
+    def frame(self) -> pl.DataFrame:
+        """Every event of the block in one frame (SCHEMA), in line order."""
+        return conformed(list(self.frames.values()))
+
+
+def conform(f: pl.DataFrame) -> pl.DataFrame:
+    """A frame with every SCHEMA column (null where its event has no such field)."""
+    return f.select([pl.col(c).cast(t) if c in f.columns else pl.lit(None, dtype=t).alias(c) for c, t in SCHEMA.items()])
+
+
+def conformed(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    return pl.concat([conform(f) for f in frames], how="vertical").sort("seq") if frames else empty_frame()
 
 
 def empty_frame() -> pl.DataFrame:
@@ -100,8 +115,8 @@ def _rewrite(df: pl.DataFrame, where: pl.Series, expr: pl.Expr, keep: bool = Fal
 def scan(data: bytes) -> Block:
     """Parse a block of ``\\n``-separated lines (any prefixes, ANSI colours, extra fields, roles interleaved)."""
     n_lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
-    if not data or b"[" not in data:
-        return Block(empty_frame(), [], n_lines)
+    if b"[" not in data:
+        return Block({}, [], n_lines)
     df = pl.DataFrame({"line": _lines(data)}).with_row_index("seq").with_columns(pl.col("seq").cast(pl.Int64))
     line = pl.col("line")
     if b"\x1b" in data:
@@ -117,10 +132,10 @@ def scan(data: bytes) -> Block:
         df = df.with_columns(pl.lit(None, dtype=pl.String).alias("orig"))
     parts = []
     for (tag,), part in df.partition_by("tag", as_dict=True).items():
-        parts.append(part.with_columns(line.str.extract(events.tid_pattern(str(tag)), 1).alias("tid"),
-                                       line.str.extract(events.name_pattern(str(tag)), 1).alias("name")))
+        head = line.str.extract_groups(events.head_pattern(str(tag)))
+        parts.append(part.with_columns(head.struct.field("tid"), head.struct.field("name")))
     if not parts:
-        return Block(empty_frame(), [], n_lines)
+        return Block({}, [], n_lines)
     df = pl.concat(parts)
     is_field = pl.col("name").str.contains("=", literal=True) | (pl.col("name") == "")
     key = (pl.when((pl.col("tag") == "rollout") & is_field).then(pl.lit("rollout"))
@@ -131,22 +146,19 @@ def scan(data: bytes) -> Block:
     for seq, tag, name, text, orig in df.filter(~valid).select("seq", "tag", "name", "line", "orig").iter_rows():
         reason = f"[{tag}] without an event name" if name == "" else f"unknown event [{tag}] {name}"
         rejected.append((seq, events.Rejected(reason, _text(orig or text))))
-    frames = []
+    frames: dict[str, pl.DataFrame] = {}
     for (key_,), part in df.filter(valid).partition_by("key", as_dict=True).items():
         frame, bad = _fields(str(key_), part)
-        frames.append(frame)
+        if frame.height:
+            frames[str(key_)] = frame
         rejected.extend(bad)
     if not frames:
-        return Block(empty_frame(), rejected, n_lines)
-    return Block(pl.concat([_conform(f) for f in frames], how="vertical").sort("seq"), rejected, n_lines)
+        return Block({}, rejected, n_lines)
+    return Block(frames, rejected, n_lines)
 
 
 def _text(line: str) -> str:
     return line[:-1] if line.endswith("\n") else line
-
-
-def _conform(f: pl.DataFrame) -> pl.DataFrame:
-    return f.select([pl.col(c).cast(t) if c in f.columns else pl.lit(None, dtype=t).alias(c) for c, t in SCHEMA.items()])
 
 
 def _typed(raw: pl.Series, kind: str) -> pl.Series:
@@ -154,8 +166,11 @@ def _typed(raw: pl.Series, kind: str) -> pl.Series:
     if kind == "str":
         return raw
     ok = (raw.str.contains(_VALID[kind]) & (raw != events.UNKNOWN)).fill_null(False)
+    value = pl.col("raw").cast(_DTYPE[kind], strict=False)
+    if kind == "float":  # a valid spelling that overflows to infinity is not a finite number
+        value = pl.when(value.is_finite()).then(value)
     frame = pl.DataFrame({"raw": raw, "ok": ok})
-    return frame.select(pl.when(pl.col("ok")).then(pl.col("raw").cast(_DTYPE[kind], strict=False)).alias(raw.name)).to_series()
+    return frame.select(pl.when(pl.col("ok")).then(value).alias(raw.name)).to_series()
 
 
 def _fields(key: str, part: pl.DataFrame) -> tuple[pl.DataFrame, list[tuple[int, events.Rejected]]]:
@@ -179,8 +194,6 @@ def _fields(key: str, part: pl.DataFrame) -> tuple[pl.DataFrame, list[tuple[int,
             invalid = raw[k].is_not_null() & typed[k].is_null()
             if kind == "float":
                 invalid = invalid & (raw[k] != events.UNKNOWN)
-            if kind == "float":
-                invalid = invalid | typed[k].is_infinite().fill_null(False)
             bad = bad | invalid
     bad = bad.fill_null(True)
     rejected = [_reason(key, row) for row in raw.filter(bad).iter_rows(named=True)] if bad.any() else []

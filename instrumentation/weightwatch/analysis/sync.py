@@ -95,13 +95,7 @@ def _events(sources: Sequence[Source], key: str, cols: list[str]) -> pl.DataFram
 
 def _log_end(sources: Sequence[Source]) -> dict[str, float]:
     """The last time each log speaks of (its "now" for calls still in flight): event times, and answers' arrival."""
-    out = {}
-    for s in sources:
-        f = s.frame
-        t = f.select(pl.max_horizontal(pl.col("t").max(), (pl.col("t") + pl.col("wall_ms") / 1000.0).max())).item()
-        if t is not None:
-            out[s.source] = float(t)
-    return out
+    return {s.source: t for s in sources if (t := s.last_time()) is not None}
 
 
 def find_syncs(calls: pl.DataFrame, sources: Sequence[Source]) -> Syncs:
