@@ -41,7 +41,10 @@ def _client(src: Source, key: str, cols: list[str]) -> pl.DataFrame:
 
 
 def _ranked(df: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
-    return df.sort("seq").with_columns(pl.int_range(pl.len()).over(keys).alias("_r"))
+    """``_r``: the row's rank among the rows of its key, in line order (0 for all when the keys are unique)."""
+    if not df.select(pl.struct(keys).is_duplicated().any()).item():
+        return df.with_columns(pl.lit(0, dtype=pl.Int64).alias("_r"))
+    return df.sort("seq").with_columns(pl.int_range(pl.len()).over(keys).cast(pl.Int64).alias("_r"))
 
 
 def client_calls(sources: Sequence[Source]) -> pl.DataFrame:
