@@ -146,6 +146,7 @@ class SyncScenario:
     hung: dict[str, str] = field(default_factory=dict)  # server -> op of a call that never answers
     budgets: dict[str, float] = field(default_factory=lambda: {"pause": 300.0, "update_weights": 720.0, "resume": 300.0})
     queue_s: float = 0.01
+    per_call: bool = True  # also the per-call families (queue, wall per op); off for scale runs of the phase series
 
     @classmethod
     def from_json(cls, text: str) -> SyncScenario:
@@ -170,9 +171,9 @@ def record_sync(metrics: Any, tracer: Any, scenario: SyncScenario, step: int, hu
                 for server, seconds in times.items():
                     with tracer.start_as_current_span("weights.update.server"):
                         metrics.observe("rl_weight_sync_phase_seconds", seconds, phase=phase, server=server)
-                        # the per-call families keep their meaning, `op` gains pause | resume
-                        metrics.observe("rl_weight_update_queue_seconds", scenario.queue_s, op=op, server=server)
-                        metrics.observe("rl_weight_update_wall_seconds", seconds, op=op, server=server)
+                        if scenario.per_call:  # the per-call families keep their meaning, `op` gains pause | resume
+                            metrics.observe("rl_weight_update_queue_seconds", scenario.queue_s, op=op, server=server)
+                            metrics.observe("rl_weight_update_wall_seconds", seconds, op=op, server=server)
                 metrics.observe("rl_weight_sync_straggler_seconds", max(times.values()) - statistics.median(times.values()), phase=phase)
                 total += max(times.values())
         metrics.observe("rl_weight_sync_seconds", total)
