@@ -7,8 +7,8 @@ For each N, one exporter process (``python -m benchmarks.bench_scale serve``) ho
 servers and one orchestrator, each a ``weightwatch.telemetry.Metrics`` on its own ``CollectorRegistry``
 (the project's emitters, not hand-written text), fed by the same ``observe``/``set``/``inc`` calls the admin
 handlers and the AdminClient make, with every op, every phase and N server labels; a sync round runs every
-5 s. It serves every registry on its own path of one HTTP server, negotiating OpenMetrics as the real
-processes do. Debian's Prometheus scrapes them through file_sd targets (one target per server, every 15 s as
+15 s (the scrape interval). It serves every registry on its own path of one HTTP server in OpenMetrics (what Prometheus negotiates),
+rendered once per round. Debian's Prometheus scrapes them through file_sd targets (one target per server, every 15 s as
 in deploy/prometheus/prometheus.yml) with the project's rules (deploy/prometheus/rules/*.yml) and the proposed
 fleet rules (benchmarks/scale_rules.yml) loaded. After the warm-up it measures: active series, samples/s,
 Prometheus RSS, rule group evaluation time, scrape size and duration, and the latency (p50/p99 over --reps
@@ -49,7 +49,7 @@ RULES_DIR = ROOT / "deploy" / "prometheus" / "rules"
 FLEET_RULES = HERE / "scale_rules.yml"
 DASHBOARDS = ROOT / "dashboards"
 SCRAPE_INTERVAL_S = 15
-SYNC_INTERVAL_S = 5.0
+SYNC_INTERVAL_S = 15.0
 ADMIN_PORT = 8001
 
 
@@ -132,32 +132,61 @@ class Fleet:
         orch.set("rl_async_level", 2)
 
 
-def _handler(fleet: Fleet, served: dict[str, int]) -> type[BaseHTTPRequestHandler]:
+class Exposition:
+    """Each registry's OpenMetrics text, rendered once per sync round by the project's registries (prometheus_client).
+
+    One Python process serves all N targets: rendering per scrape would make the exporter, not Prometheus, the
+    bottleneck at N >= 256 (it was: scrapes timed out). A real server renders only its own registry.
+    """
+
+    def __init__(self, fleet: Fleet):
+        self.fleet = fleet
+        self.bodies: dict[str, bytes] = {}
+        self.stats = {"render_s": 0.0, "bytes": 0, "rounds": 0, "sync_s": 0.0}
+
+    def registries(self) -> dict[str, Any]:
+        regs = {"/metrics/orchestrator": self.fleet.orchestrator.registry}
+        regs.update({f"/metrics/inference/{i}": m.registry for i, m in enumerate(self.fleet.inference)})
+        return regs
+
+    def refresh(self) -> None:
+        from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+        t0 = time.monotonic()
+        self.fleet.sync_round()
+        t1 = time.monotonic()
+        bodies = {path: openmetrics(reg) for path, reg in self.registries().items()}
+        self.bodies = bodies
+        self.stats = {"sync_s": t1 - t0, "render_s": time.monotonic() - t1, "bytes": sum(map(len, bodies.values())), "rounds": self.stats["rounds"] + 1}
+
+
+def _handler(expo: Exposition) -> type[BaseHTTPRequestHandler]:
     from prometheus_client.exposition import choose_encoder
+    from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
             path = self.path.split("?", 1)[0]
-            if path == "/metrics/orchestrator":
-                registry = fleet.orchestrator.registry
-            elif path.startswith("/metrics/inference/"):
-                try:
-                    registry = fleet.inference[int(path.rsplit("/", 1)[1])].registry
-                except (ValueError, IndexError):
-                    self.send_error(404)
-                    return
+            if path == "/stats":
+                body, content_type = json.dumps(expo.stats).encode(), "application/json"
+            elif path in expo.bodies:
+                accept = self.headers.get("Accept", "")
+                if "application/openmetrics-text" in accept:
+                    body, content_type = expo.bodies[path], OPENMETRICS
+                else:
+                    encoder, content_type = choose_encoder(accept)
+                    body = encoder(expo.registries()[path])
             else:
                 self.send_error(404)
                 return
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            body = encoder(registry)
-            served["bytes"] += len(body)
-            served["scrapes"] += 1
-            self.send_response(200)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the scraper gave up (timeout); it counts that itself
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -166,18 +195,17 @@ def _handler(fleet: Fleet, served: dict[str, int]) -> type[BaseHTTPRequestHandle
 
 
 def serve(n: int, port: int, duration: float) -> None:
-    """The exporter process: build the fleet, run a sync round every SYNC_INTERVAL_S, serve /metrics/... until killed."""
-    fleet = Fleet(n)
-    fleet.sync_round()
-    served = {"bytes": 0, "scrapes": 0}
-    httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(fleet, served))
+    """The exporter process: build the fleet, run a sync round and re-render every SYNC_INTERVAL_S, serve until killed."""
+    expo = Exposition(Fleet(n))
+    expo.refresh()
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(expo))
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     print(json.dumps({"ready": True, "port": port}), flush=True)
     deadline = time.monotonic() + duration
     while time.monotonic() < deadline:
         t0 = time.monotonic()
-        fleet.sync_round()
+        expo.refresh()
         time.sleep(max(0.0, SYNC_INTERVAL_S - (time.monotonic() - t0)))
     httpd.shutdown()
 
@@ -448,6 +476,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
             fleet.append({"name": name, "raw_expr": raw, "recorded_expr": rec,
                           "raw": _time_query(base, raw, start, end, step, args.reps, budget),
                           "recorded": _time_query(base, rec, start, end, step, args.reps, budget)})
+        exporter_stats = _get(f"http://127.0.0.1:{exp_port}/stats")
         missed = {labels["rule_group"].rsplit(";", 1)[-1]: v for labels, v in _self_metrics(base).get("prometheus_rule_group_iterations_missed_total", [])}
         rss, hwm = _rss_bytes(prom.pid)
         wall = time.monotonic() - t_prom
@@ -470,6 +499,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
             "rule_group_s": {g: max(v) for g, v in rule_samples.items()},
             "rule_eval_total_s": sum(statistics.median(v) for v in rule_samples.values()),
             "rule_iterations_missed": missed,
+            "exporter": exporter_stats,
             "queries": queries,
             "fleet": fleet,
             "cpu": {"prometheus_cpu_s": cpu_prom, "exporter_cpu_s": cpu_exp, "wall_s": wall, "loadavg_before": load0, "loadavg_after": os.getloadavg(),
@@ -517,13 +547,13 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         "## Cost per N",
         "",
-        "| N | series | series/server | samples/s | scrape bytes/s | Prometheus RSS | rule eval (all groups) | orchestrator scrape | targets up |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| N | series | series/server | samples/s | scrape bytes/s | Prometheus RSS | rule eval (all groups) | orchestrator scrape | targets up | exporter render/round |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['n']} | {r['head_series']:,.0f} | {r['head_series'] / r['n']:,.0f} | {r['samples_per_s']:,.0f} | {_fmt_bytes(r['scrape_bytes_per_s'])}/s | "
-            f"{_fmt_bytes(r['rss_bytes'])} | {r['rule_eval_total_s'] * 1000:,.1f} ms | {r['orchestrator_scrape_s'] * 1000:,.0f} ms | {r['targets_up']:.0f}/{r['n'] + 1} |"
+            f"{_fmt_bytes(r['rss_bytes'])} | {r['rule_eval_total_s'] * 1000:,.1f} ms | {r['orchestrator_scrape_s'] * 1000:,.0f} ms | {r['targets_up']:.0f}/{r['n'] + 1} | {r.get('exporter', {}).get('render_s', float('nan')):.1f} s |"
         )
     if len(results) >= 2:
         xs = [float(r["n"]) for r in results]
@@ -652,17 +682,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=75, help="seconds of scraping before measuring (5 scrape rounds)")
     ap.add_argument("--query-budget", type=float, default=3.0, help="seconds per query before stopping its repetitions early (at least 5 runs)")
     ap.add_argument("--out", default="scale", help="result name under benchmarks/results/")
+    ap.add_argument("--merge", action="store_true", help="keep the other sizes already in benchmarks/results/<out>.json")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the table and plot from benchmarks/results/<out>.json")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    results = []
+    results: list[dict[str, Any]] = []
+    if args.report_only:
+        data = json.loads((RESULTS / f"{args.out}.json").read_text())
+        results = data["results"]
+        args.reps, args.warmup = data["args"]["reps"], data["args"]["warmup"]
+        sizes = []
     for n in sizes:
         print(f"== N={n}", flush=True)
         r = run_size(n, args)
         print(f"   series {r['head_series']:,.0f}  samples/s {r['samples_per_s']:,.0f}  RSS {_fmt_bytes(r['rss_bytes'])}  rules {r['rule_eval_total_s'] * 1000:.1f} ms  "
               f"up {r['targets_up']:.0f}/{n + 1}  ({r['cpu']['total_s']:.0f} s)", flush=True)
         results.append(r)
-    RESULTS.mkdir(exist_ok=True)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{args.out}.partial.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    if args.merge and (RESULTS / f"{args.out}.json").exists():
+        # keep the other sizes of an earlier run (each N is measured on its own Prometheus anyway)
+        earlier = json.loads((RESULTS / f"{args.out}.json").read_text())["results"]
+        results = sorted([e for e in earlier if e["n"] not in sizes] + results, key=lambda r: r["n"])
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    (RESULTS / f"{args.out}.partial.json").unlink(missing_ok=True)
     plot(results, RESULTS / f"{args.out}.png")
     text = report(results, args)
     (RESULTS / f"{args.out}.md").write_text(text)
