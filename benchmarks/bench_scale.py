@@ -51,6 +51,8 @@ DASHBOARDS = ROOT / "dashboards"
 SCRAPE_INTERVAL_S = 15
 SYNC_INTERVAL_S = 15.0
 ADMIN_PORT = 8001
+#: Longer than Grafana's default data-proxy timeout (30 s): a query past it is an error in the table.
+QUERY_TIMEOUT_S = 30
 
 
 # --------------------------------------------------------------------------- the simulated fleet (exporter process)
@@ -350,7 +352,14 @@ FLEET_PAIRS = (
 )
 
 
+#: Per N, after this many seconds of queries every remaining query runs once (the run stays bounded at N=1024).
+QUERY_PHASE_CAP_S = 360.0
+_phase_deadline = [math.inf]
+
+
 def _time_query(base: str, expr: str, start: float, end: float, step: int, reps: int, budget_s: float) -> dict[str, Any]:
+    if time.monotonic() > _phase_deadline[0]:
+        reps = 1
     params = urllib.parse.urlencode({"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": str(step)})
     times: list[float] = []
     series = 0
@@ -365,8 +374,8 @@ def _time_query(base: str, expr: str, start: float, end: float, step: int, reps:
             break
         times.append(time.perf_counter() - t0)
         series = len(res["data"]["result"])
-        if time.monotonic() > t_end and len(times) >= 5:
-            break
+        if time.monotonic() > t_end and (len(times) >= 3 or time.monotonic() > _phase_deadline[0]):
+            break  # a slow query: its repetitions stop at the budget (at least 3), so one N stays a few minutes
     return {"reps": len(times), "p50_ms": _pct(times, 50) * 1000, "p99_ms": _pct(times, 99) * 1000, "series": series, "error": error}
 
 
@@ -420,7 +429,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         cfg = _prometheus_config(tmp)
         prom = subprocess.Popen(
             [prom_bin, f"--config.file={cfg}", f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}",
-             "--enable-feature=exemplar-storage,extra-scrape-metrics", "--log.level=warn"],
+             "--enable-feature=exemplar-storage,extra-scrape-metrics", f"--query.timeout={args.query_timeout:.0f}s", "--log.level=warn"],
             stdout=subprocess.DEVNULL, stderr=open(tmp / "prometheus.log", "w"), start_new_session=True,  # noqa: SIM115
         )
         deadline = time.monotonic() + 60
@@ -459,6 +468,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         recorded = recorded_names()
         queries = []
         budget = args.query_budget
+        _phase_deadline[0] = time.monotonic() + args.query_phase_cap
         for q in dashboard_queries():
             r = _time_query(base, substitute(q["expr"], rate_interval), start, end, step, args.reps, budget)
             row = {**q, "kind": "panel", **r}
@@ -500,6 +510,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
             "rule_eval_total_s": sum(statistics.median(v) for v in rule_samples.values()),
             "rule_iterations_missed": missed,
             "exporter": exporter_stats,
+            "query_settings": {"reps": args.reps, "budget_s": args.query_budget, "timeout_s": args.query_timeout, "phase_cap_s": args.query_phase_cap},
             "queries": queries,
             "fleet": fleet,
             "cpu": {"prometheus_cpu_s": cpu_prom, "exporter_cpu_s": cpu_exp, "wall_s": wall, "loadavg_before": load0, "loadavg_after": os.getloadavg(),
@@ -681,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=20, help="repetitions of each query")
     ap.add_argument("--warmup", type=float, default=75, help="seconds of scraping before measuring (5 scrape rounds)")
     ap.add_argument("--query-budget", type=float, default=3.0, help="seconds per query before stopping its repetitions early (at least 5 runs)")
+    ap.add_argument("--query-timeout", type=float, default=QUERY_TIMEOUT_S, help="Prometheus --query.timeout, seconds (a slower query is an error)")
+    ap.add_argument("--query-phase-cap", type=float, default=QUERY_PHASE_CAP_S, help="seconds of queries per N, after which each remaining query runs once")
     ap.add_argument("--out", default="scale", help="result name under benchmarks/results/")
     ap.add_argument("--merge", action="store_true", help="keep the other sizes already in benchmarks/results/<out>.json")
     ap.add_argument("--report-only", action="store_true", help="rewrite the table and plot from benchmarks/results/<out>.json")
