@@ -591,7 +591,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         cells = []
         for r in results:
             row = r["queries"][i]
-            cells.append(f"{row['p50_ms']:,.1f} / {row['p99_ms']:,.1f}" + (" (err)" if row.get("error") else ""))
+            cells.append(_ms(row, p99=True))
         lines.append(f"| {q['dashboard']} | {q['panel']} {q['ref']} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -603,7 +603,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     for i, q in enumerate(results[0]["queries"]):
         if "recorded" not in q:
             continue
-        cells = [f"{r['queries'][i]['p50_ms']:,.1f} / {r['queries'][i]['recorded']['p50_ms']:,.1f} / {r['queries'][i]['one_server']['p50_ms']:,.1f}" for r in results]
+        cells = [f"{_ms(r['queries'][i])} / {_ms(r['queries'][i]['recorded'])} / {_ms(r['queries'][i]['one_server'])}" for r in results]
         lines.append(f"| {q['dashboard']} | {q['panel']} {q['ref']} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -613,15 +613,26 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "|---|" + "---:|" * (2 * len(ns)),
     ]
     for i, f in enumerate(results[0]["fleet"]):
-        raw = [f"{r['fleet'][i]['raw']['p50_ms']:,.1f} / {r['fleet'][i]['raw']['p99_ms']:,.1f}" for r in results]
-        rec = [f"{r['fleet'][i]['recorded']['p50_ms']:,.1f} / {r['fleet'][i]['recorded']['p99_ms']:,.1f}" for r in results]
+        raw = [_ms(r["fleet"][i]["raw"], p99=True) for r in results]
+        rec = [_ms(r["fleet"][i]["recorded"], p99=True) for r in results]
         lines.append(f"| {f['name']} | " + " | ".join(raw) + " | " + " | ".join(rec) + " |")
-    lines += ["", "## How the CPU was shared", "", "| N | Prometheus CPU-s | exporter CPU-s | wall s | load avg before → after (1 min) |", "|---:|---:|---:|---:|---|"]
+    lines += ["", "## How the CPU was shared", "", "| N | Prometheus CPU-s | exporter CPU-s | wall s | Prometheus share of one core | load avg before → after (1 min) | query timeout / cap |",
+              "|---:|---:|---:|---:|---:|---|---|"]
     for r in results:
         c = r["cpu"]
-        lines.append(f"| {r['n']} | {c['prometheus_cpu_s']:.1f} | {c['exporter_cpu_s']:.1f} | {c['wall_s']:.0f} | {c['loadavg_before'][0]:.2f} → {c['loadavg_after'][0]:.2f} |")
+        qs = r.get("query_settings", {"timeout_s": 30, "phase_cap_s": 360})
+        lines.append(f"| {r['n']} | {c['prometheus_cpu_s']:.1f} | {c['exporter_cpu_s']:.1f} | {c['wall_s']:.0f} | {c['prometheus_cpu_s'] / c['wall_s']:.0%} | "
+                     f"{c['loadavg_before'][0]:.2f} → {c['loadavg_after'][0]:.2f} | {qs['timeout_s']:.0f} s / {qs['phase_cap_s']:.0f} s |")
     lines += ["", "![cost per N](scale.png)", ""]
     return "\n".join(lines)
+
+
+def _ms(row: dict[str, Any], p99: bool = False) -> str:
+    """p50 (and p99) in ms; a query that never answered shows why (Prometheus answers 503 past --query.timeout)."""
+    if not row.get("reps"):
+        return "timeout" if "503" in (row.get("error") or "") else "error"
+    text = f"{row['p50_ms']:,.1f}" + (f" / {row['p99_ms']:,.1f}" if p99 else "")
+    return text + (f" (n={row['reps']})" if row["reps"] < 5 else "")
 
 
 def _prom_version() -> str:
