@@ -7,8 +7,8 @@ For each N, one exporter process (``python -m benchmarks.bench_scale serve``) ho
 servers and one orchestrator, each a ``weightwatch.telemetry.Metrics`` on its own ``CollectorRegistry``
 (the project's emitters, not hand-written text), fed by the same ``observe``/``set``/``inc`` calls the admin
 handlers and the AdminClient make, with every op, every phase and N server labels; a sync round runs every
-5 s. It serves every registry on its own path of one HTTP server, negotiating OpenMetrics as the real
-processes do. Debian's Prometheus scrapes them through file_sd targets (one target per server, every 15 s as
+15 s (the scrape interval). It serves every registry on its own path of one HTTP server in OpenMetrics (what Prometheus negotiates),
+rendered once per round. Debian's Prometheus scrapes them through file_sd targets (one target per server, every 15 s as
 in deploy/prometheus/prometheus.yml) with the project's rules (deploy/prometheus/rules/*.yml) and the proposed
 fleet rules (benchmarks/scale_rules.yml) loaded. After the warm-up it measures: active series, samples/s,
 Prometheus RSS, rule group evaluation time, scrape size and duration, and the latency (p50/p99 over --reps
@@ -49,8 +49,10 @@ RULES_DIR = ROOT / "deploy" / "prometheus" / "rules"
 FLEET_RULES = HERE / "scale_rules.yml"
 DASHBOARDS = ROOT / "dashboards"
 SCRAPE_INTERVAL_S = 15
-SYNC_INTERVAL_S = 5.0
+SYNC_INTERVAL_S = 15.0
 ADMIN_PORT = 8001
+#: Longer than Grafana's default data-proxy timeout (30 s): a query past it is an error in the table.
+QUERY_TIMEOUT_S = 30
 
 
 # --------------------------------------------------------------------------- the simulated fleet (exporter process)
@@ -132,32 +134,61 @@ class Fleet:
         orch.set("rl_async_level", 2)
 
 
-def _handler(fleet: Fleet, served: dict[str, int]) -> type[BaseHTTPRequestHandler]:
+class Exposition:
+    """Each registry's OpenMetrics text, rendered once per sync round by the project's registries (prometheus_client).
+
+    One Python process serves all N targets: rendering per scrape would make the exporter, not Prometheus, the
+    bottleneck at N >= 256 (it was: scrapes timed out). A real server renders only its own registry.
+    """
+
+    def __init__(self, fleet: Fleet):
+        self.fleet = fleet
+        self.bodies: dict[str, bytes] = {}
+        self.stats = {"render_s": 0.0, "bytes": 0, "rounds": 0, "sync_s": 0.0}
+
+    def registries(self) -> dict[str, Any]:
+        regs = {"/metrics/orchestrator": self.fleet.orchestrator.registry}
+        regs.update({f"/metrics/inference/{i}": m.registry for i, m in enumerate(self.fleet.inference)})
+        return regs
+
+    def refresh(self) -> None:
+        from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+        t0 = time.monotonic()
+        self.fleet.sync_round()
+        t1 = time.monotonic()
+        bodies = {path: openmetrics(reg) for path, reg in self.registries().items()}
+        self.bodies = bodies
+        self.stats = {"sync_s": t1 - t0, "render_s": time.monotonic() - t1, "bytes": sum(map(len, bodies.values())), "rounds": self.stats["rounds"] + 1}
+
+
+def _handler(expo: Exposition) -> type[BaseHTTPRequestHandler]:
     from prometheus_client.exposition import choose_encoder
+    from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
             path = self.path.split("?", 1)[0]
-            if path == "/metrics/orchestrator":
-                registry = fleet.orchestrator.registry
-            elif path.startswith("/metrics/inference/"):
-                try:
-                    registry = fleet.inference[int(path.rsplit("/", 1)[1])].registry
-                except (ValueError, IndexError):
-                    self.send_error(404)
-                    return
+            if path == "/stats":
+                body, content_type = json.dumps(expo.stats).encode(), "application/json"
+            elif path in expo.bodies:
+                accept = self.headers.get("Accept", "")
+                if "application/openmetrics-text" in accept:
+                    body, content_type = expo.bodies[path], OPENMETRICS
+                else:
+                    encoder, content_type = choose_encoder(accept)
+                    body = encoder(expo.registries()[path])
             else:
                 self.send_error(404)
                 return
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            body = encoder(registry)
-            served["bytes"] += len(body)
-            served["scrapes"] += 1
-            self.send_response(200)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the scraper gave up (timeout); it counts that itself
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -166,18 +197,17 @@ def _handler(fleet: Fleet, served: dict[str, int]) -> type[BaseHTTPRequestHandle
 
 
 def serve(n: int, port: int, duration: float) -> None:
-    """The exporter process: build the fleet, run a sync round every SYNC_INTERVAL_S, serve /metrics/... until killed."""
-    fleet = Fleet(n)
-    fleet.sync_round()
-    served = {"bytes": 0, "scrapes": 0}
-    httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(fleet, served))
+    """The exporter process: build the fleet, run a sync round and re-render every SYNC_INTERVAL_S, serve until killed."""
+    expo = Exposition(Fleet(n))
+    expo.refresh()
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(expo))
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     print(json.dumps({"ready": True, "port": port}), flush=True)
     deadline = time.monotonic() + duration
     while time.monotonic() < deadline:
         t0 = time.monotonic()
-        fleet.sync_round()
+        expo.refresh()
         time.sleep(max(0.0, SYNC_INTERVAL_S - (time.monotonic() - t0)))
     httpd.shutdown()
 
@@ -322,7 +352,14 @@ FLEET_PAIRS = (
 )
 
 
+#: Per N, after this many seconds of queries every remaining query runs once (the run stays bounded at N=1024).
+QUERY_PHASE_CAP_S = 360.0
+_phase_deadline = [math.inf]
+
+
 def _time_query(base: str, expr: str, start: float, end: float, step: int, reps: int, budget_s: float) -> dict[str, Any]:
+    if time.monotonic() > _phase_deadline[0]:
+        reps = 1
     params = urllib.parse.urlencode({"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": str(step)})
     times: list[float] = []
     series = 0
@@ -337,8 +374,8 @@ def _time_query(base: str, expr: str, start: float, end: float, step: int, reps:
             break
         times.append(time.perf_counter() - t0)
         series = len(res["data"]["result"])
-        if time.monotonic() > t_end and len(times) >= 5:
-            break
+        if time.monotonic() > t_end and (len(times) >= 3 or time.monotonic() > _phase_deadline[0]):
+            break  # a slow query: its repetitions stop at the budget (at least 3), so one N stays a few minutes
     return {"reps": len(times), "p50_ms": _pct(times, 50) * 1000, "p99_ms": _pct(times, 99) * 1000, "series": series, "error": error}
 
 
@@ -392,7 +429,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         cfg = _prometheus_config(tmp)
         prom = subprocess.Popen(
             [prom_bin, f"--config.file={cfg}", f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}",
-             "--enable-feature=exemplar-storage,extra-scrape-metrics", "--log.level=warn"],
+             "--enable-feature=exemplar-storage,extra-scrape-metrics", f"--query.timeout={args.query_timeout:.0f}s", "--log.level=warn"],
             stdout=subprocess.DEVNULL, stderr=open(tmp / "prometheus.log", "w"), start_new_session=True,  # noqa: SIM115
         )
         deadline = time.monotonic() + 60
@@ -431,6 +468,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         recorded = recorded_names()
         queries = []
         budget = args.query_budget
+        _phase_deadline[0] = time.monotonic() + args.query_phase_cap
         for q in dashboard_queries():
             r = _time_query(base, substitute(q["expr"], rate_interval), start, end, step, args.reps, budget)
             row = {**q, "kind": "panel", **r}
@@ -448,6 +486,7 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
             fleet.append({"name": name, "raw_expr": raw, "recorded_expr": rec,
                           "raw": _time_query(base, raw, start, end, step, args.reps, budget),
                           "recorded": _time_query(base, rec, start, end, step, args.reps, budget)})
+        exporter_stats = _get(f"http://127.0.0.1:{exp_port}/stats")
         missed = {labels["rule_group"].rsplit(";", 1)[-1]: v for labels, v in _self_metrics(base).get("prometheus_rule_group_iterations_missed_total", [])}
         rss, hwm = _rss_bytes(prom.pid)
         wall = time.monotonic() - t_prom
@@ -470,6 +509,8 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
             "rule_group_s": {g: max(v) for g, v in rule_samples.items()},
             "rule_eval_total_s": sum(statistics.median(v) for v in rule_samples.values()),
             "rule_iterations_missed": missed,
+            "exporter": exporter_stats,
+            "query_settings": {"reps": args.reps, "budget_s": args.query_budget, "timeout_s": args.query_timeout, "phase_cap_s": args.query_phase_cap},
             "queries": queries,
             "fleet": fleet,
             "cpu": {"prometheus_cpu_s": cpu_prom, "exporter_cpu_s": cpu_exp, "wall_s": wall, "loadavg_before": load0, "loadavg_after": os.getloadavg(),
@@ -517,13 +558,13 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         "## Cost per N",
         "",
-        "| N | series | series/server | samples/s | scrape bytes/s | Prometheus RSS | rule eval (all groups) | orchestrator scrape | targets up |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| N | series | series/server | samples/s | scrape bytes/s | Prometheus RSS | rule eval (all groups) | orchestrator scrape | targets up | exporter render/round |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['n']} | {r['head_series']:,.0f} | {r['head_series'] / r['n']:,.0f} | {r['samples_per_s']:,.0f} | {_fmt_bytes(r['scrape_bytes_per_s'])}/s | "
-            f"{_fmt_bytes(r['rss_bytes'])} | {r['rule_eval_total_s'] * 1000:,.1f} ms | {r['orchestrator_scrape_s'] * 1000:,.0f} ms | {r['targets_up']:.0f}/{r['n'] + 1} |"
+            f"{_fmt_bytes(r['rss_bytes'])} | {r['rule_eval_total_s'] * 1000:,.1f} ms | {r['orchestrator_scrape_s'] * 1000:,.0f} ms | {r['targets_up']:.0f}/{r['n'] + 1} | {r.get('exporter', {}).get('render_s', float('nan')):.1f} s |"
         )
     if len(results) >= 2:
         xs = [float(r["n"]) for r in results]
@@ -550,7 +591,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         cells = []
         for r in results:
             row = r["queries"][i]
-            cells.append(f"{row['p50_ms']:,.1f} / {row['p99_ms']:,.1f}" + (" (err)" if row.get("error") else ""))
+            cells.append(_ms(row, p99=True))
         lines.append(f"| {q['dashboard']} | {q['panel']} {q['ref']} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -562,7 +603,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     for i, q in enumerate(results[0]["queries"]):
         if "recorded" not in q:
             continue
-        cells = [f"{r['queries'][i]['p50_ms']:,.1f} / {r['queries'][i]['recorded']['p50_ms']:,.1f} / {r['queries'][i]['one_server']['p50_ms']:,.1f}" for r in results]
+        cells = [f"{_ms(r['queries'][i])} / {_ms(r['queries'][i]['recorded'])} / {_ms(r['queries'][i]['one_server'])}" for r in results]
         lines.append(f"| {q['dashboard']} | {q['panel']} {q['ref']} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -572,15 +613,26 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "|---|" + "---:|" * (2 * len(ns)),
     ]
     for i, f in enumerate(results[0]["fleet"]):
-        raw = [f"{r['fleet'][i]['raw']['p50_ms']:,.1f} / {r['fleet'][i]['raw']['p99_ms']:,.1f}" for r in results]
-        rec = [f"{r['fleet'][i]['recorded']['p50_ms']:,.1f} / {r['fleet'][i]['recorded']['p99_ms']:,.1f}" for r in results]
+        raw = [_ms(r["fleet"][i]["raw"], p99=True) for r in results]
+        rec = [_ms(r["fleet"][i]["recorded"], p99=True) for r in results]
         lines.append(f"| {f['name']} | " + " | ".join(raw) + " | " + " | ".join(rec) + " |")
-    lines += ["", "## How the CPU was shared", "", "| N | Prometheus CPU-s | exporter CPU-s | wall s | load avg before → after (1 min) |", "|---:|---:|---:|---:|---|"]
+    lines += ["", "## How the CPU was shared", "", "| N | Prometheus CPU-s | exporter CPU-s | wall s | Prometheus share of one core | load avg before → after (1 min) | query timeout / cap |",
+              "|---:|---:|---:|---:|---:|---|---|"]
     for r in results:
         c = r["cpu"]
-        lines.append(f"| {r['n']} | {c['prometheus_cpu_s']:.1f} | {c['exporter_cpu_s']:.1f} | {c['wall_s']:.0f} | {c['loadavg_before'][0]:.2f} → {c['loadavg_after'][0]:.2f} |")
+        qs = r.get("query_settings", {"timeout_s": 30, "phase_cap_s": 360})
+        lines.append(f"| {r['n']} | {c['prometheus_cpu_s']:.1f} | {c['exporter_cpu_s']:.1f} | {c['wall_s']:.0f} | {c['prometheus_cpu_s'] / c['wall_s']:.0%} | "
+                     f"{c['loadavg_before'][0]:.2f} → {c['loadavg_after'][0]:.2f} | {qs['timeout_s']:.0f} s / {qs['phase_cap_s']:.0f} s |")
     lines += ["", "![cost per N](scale.png)", ""]
     return "\n".join(lines)
+
+
+def _ms(row: dict[str, Any], p99: bool = False) -> str:
+    """p50 (and p99) in ms; a query that never answered shows why (Prometheus answers 503 past --query.timeout)."""
+    if not row.get("reps"):
+        return "timeout" if "503" in (row.get("error") or "") else "error"
+    text = f"{row['p50_ms']:,.1f}" + (f" / {row['p99_ms']:,.1f}" if p99 else "")
+    return text + (f" (n={row['reps']})" if row["reps"] < 5 else "")
 
 
 def _prom_version() -> str:
@@ -589,6 +641,13 @@ def _prom_version() -> str:
         return (out.stdout or out.stderr).split("\n")[0].split("version ")[1].split(" ")[0]
     except Exception:  # noqa: BLE001
         return "?"
+
+
+def _p50_or_timeout(result: dict[str, Any], row: dict[str, Any]) -> float:
+    """A query that timed out is drawn at the timeout (a lower bound), not left out."""
+    if row.get("reps"):
+        return row["p50_ms"]
+    return result.get("query_settings", {}).get("timeout_s", 30) * 1000
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
@@ -618,16 +677,17 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     ax.legend(fontsize=7)
     ax = axes[2]
     panels = [q for q in results[0]["queries"] if q["kind"] == "panel"]
-    slowest = sorted(range(len(panels)), key=lambda i: -results[-1]["queries"][i]["p50_ms"])[:1]
+    slowest = sorted(range(len(panels)), key=lambda i: -_p50_or_timeout(results[-1], results[-1]["queries"][i]))[:1]
     for i in slowest:
-        ax.loglog(ns, [r["queries"][i]["p50_ms"] for r in results], "o-", label=f"slowest panel: {panels[i]['panel'][:30]} (raw)")
+        ax.loglog(ns, [_p50_or_timeout(r, r["queries"][i]) for r in results], "o-", label=f"slowest panel: {panels[i]['panel'][:30]} (raw)")
     rec = [i for i, q in enumerate(results[0]["queries"]) if "recorded" in q]
     if rec:
-        i = max(rec, key=lambda j: results[-1]["queries"][j]["p50_ms"])
-        ax.loglog(ns, [r["queries"][i]["p50_ms"] for r in results], "s-", label=f"{results[0]['queries'][i]['panel'][:24]} raw")
+        i = max(rec, key=lambda j: _p50_or_timeout(results[min(1, len(results) - 1)], results[min(1, len(results) - 1)]["queries"][j]))
+        ax.loglog(ns, [_p50_or_timeout(r, r["queries"][i]) for r in results], "s-", label=f"{results[0]['queries'][i]['panel'][:24]} raw (timeout drawn at the limit)")
+        ax.loglog(ns, [r.get("query_settings", {}).get("timeout_s", 30) * 1000 for r in results], "r:", label="Prometheus query timeout")
         ax.loglog(ns, [r["queries"][i]["recorded"]["p50_ms"] for r in results], "s--", label="same, from recording rule")
         ax.loglog(ns, [r["queries"][i]["one_server"]["p50_ms"] for r in results], "d--", label="same, one server")
-    ax.loglog(ns, [statistics.median(q["p50_ms"] for q in r["queries"] if q["kind"] == "panel") for r in results], "k.-", label="median panel")
+    ax.loglog(ns, [statistics.median(_p50_or_timeout(r, q) for q in r["queries"] if q["kind"] == "panel") for r in results], "k.-", label="median panel")
     ax.set_xlabel("inference servers N")
     ax.set_ylabel("query_range p50, ms")
     ax.set_title("dashboard query latency")
@@ -651,18 +711,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=20, help="repetitions of each query")
     ap.add_argument("--warmup", type=float, default=75, help="seconds of scraping before measuring (5 scrape rounds)")
     ap.add_argument("--query-budget", type=float, default=3.0, help="seconds per query before stopping its repetitions early (at least 5 runs)")
+    ap.add_argument("--query-timeout", type=float, default=QUERY_TIMEOUT_S, help="Prometheus --query.timeout, seconds (a slower query is an error)")
+    ap.add_argument("--query-phase-cap", type=float, default=QUERY_PHASE_CAP_S, help="seconds of queries per N, after which each remaining query runs once")
     ap.add_argument("--out", default="scale", help="result name under benchmarks/results/")
+    ap.add_argument("--merge", action="store_true", help="keep the other sizes already in benchmarks/results/<out>.json")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the table and plot from benchmarks/results/<out>.json")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    results = []
+    results: list[dict[str, Any]] = []
+    if args.report_only:
+        data = json.loads((RESULTS / f"{args.out}.json").read_text())
+        results = data["results"]
+        args.reps, args.warmup = data["args"]["reps"], data["args"]["warmup"]
+        sizes = []
     for n in sizes:
         print(f"== N={n}", flush=True)
         r = run_size(n, args)
         print(f"   series {r['head_series']:,.0f}  samples/s {r['samples_per_s']:,.0f}  RSS {_fmt_bytes(r['rss_bytes'])}  rules {r['rule_eval_total_s'] * 1000:.1f} ms  "
               f"up {r['targets_up']:.0f}/{n + 1}  ({r['cpu']['total_s']:.0f} s)", flush=True)
         results.append(r)
-    RESULTS.mkdir(exist_ok=True)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{args.out}.partial.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    if args.merge and (RESULTS / f"{args.out}.json").exists():
+        # keep the other sizes of an earlier run (each N is measured on its own Prometheus anyway)
+        earlier = json.loads((RESULTS / f"{args.out}.json").read_text())["results"]
+        results = sorted([e for e in earlier if e["n"] not in sizes] + results, key=lambda r: r["n"])
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    (RESULTS / f"{args.out}.partial.json").unlink(missing_ok=True)
     plot(results, RESULTS / f"{args.out}.png")
     text = report(results, args)
     (RESULTS / f"{args.out}.md").write_text(text)

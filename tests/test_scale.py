@@ -87,7 +87,7 @@ def test_fleet_rules_pass_promtool_check():
 @pytest.mark.slow
 def test_a_small_fleet_is_scraped_and_every_query_answers(monkeypatch):
     require_binary("prometheus")
-    args = argparse.Namespace(warmup=35.0, reps=2, query_budget=5.0)
+    args = argparse.Namespace(warmup=50.0, reps=2, query_budget=5.0, query_timeout=60.0, query_phase_cap=300.0)
     r = bench_scale.run_size(3, args)
     assert r["targets_up"] == 4
     assert r["head_series"] >= r["samples_per_scrape_round"] > 3 * 300
