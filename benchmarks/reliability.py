@@ -70,20 +70,25 @@ def render(doc: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--render-only", action="store_true", help="render docs/reliability.md from the last JSON without running the suite")
+    p.add_argument("--merge-from", type=Path, metavar="JSON", help="merge the rows of a run file (WEIGHTWATCH_RELIABILITY_JSON of a plain pytest run) instead of running")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = p.parse_args(argv)
-    if not args.render_only:
+    run_file = args.merge_from or RUN_JSON_PATH
+    if args.merge_from:
+        rc = 0
+    elif not args.render_only:
         RUN_JSON_PATH.unlink(missing_ok=True)
         env = {**os.environ, "WEIGHTWATCH_RELIABILITY_JSON": str(RUN_JSON_PATH)}
         env.setdefault("PYTHONPATH", str(ROOT / "instrumentation"))
         cmd = [sys.executable, "-m", "pytest", "-m", "faults", "tests/faults", "-p", "no:cacheprovider", *args.pytest_args]
         print("$", " ".join(cmd), flush=True)
         rc = subprocess.run(cmd, cwd=ROOT, env=env).returncode
-        if not RUN_JSON_PATH.exists():
+    if not args.render_only:
+        if not run_file.exists():
             print("no rows recorded", file=sys.stderr)
             return rc or 1
-        run = json.loads(RUN_JSON_PATH.read_text())
-        RUN_JSON_PATH.unlink()
+        run = json.loads(run_file.read_text())
+        run_file.unlink()
         doc = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else {"rows": []}
         fresh = {r["test"]: r for r in run["rows"]}
         doc["rows"] = [fresh.pop(r["test"], r) for r in doc["rows"]] + list(fresh.values())

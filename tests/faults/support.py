@@ -161,3 +161,76 @@ def pct(values: Iterable[float], q: float) -> float:
     if len(vs) == 1:
         return vs[0]
     return statistics.quantiles(vs, n=100, method="inclusive")[max(0, min(98, int(q) - 1))]
+
+
+def start_server_on(model_dir: Path, workdir: Path, weights_root: Path, *, extra_env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    """``weightwatch serve`` with a given (shared) weights root and fixed ports; ``restart(server)`` reuses both.
+
+    Like benchmarks.servers.start_weightwatch_server, which gives every server its own weights root; a
+    sync sends one weight_dir to every server, so the servers of a sync share one.
+    """
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.servers import VLLM_ARGS, VllmServer, free_port
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    weights_root.mkdir(parents=True, exist_ok=True)
+    port, admin_port = free_port(), free_port()
+    token = "test-admin-token"
+    token_file = workdir / "admin_token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    cmd = [
+        sys.executable, "-m", "weightwatch", "serve", "--model", str(model_dir), "--port", str(port), "--admin-port", str(admin_port),
+        "--weights-root", str(weights_root), "--log-file", str(workdir / "inference.log"),
+        "--span-file", str(workdir / "inference.spans.jsonl"), "--admin-token-file", str(token_file), "--", *VLLM_ARGS,
+    ]  # fmt: skip
+    env = {**os.environ, **(extra_env or {})}
+    out = workdir / "server.out"
+    with open(out, "ab") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = VllmServer(
+        base_url=f"http://127.0.0.1:{port}", admin_url=f"http://127.0.0.1:{admin_port}", model_dir=model_dir, proc=proc,
+        output_path=out, weights_root=weights_root, admin_token=token, log_path=workdir / "inference.log",
+        span_path=workdir / "inference.spans.jsonl", extra={"env": env},
+    )  # fmt: skip
+    return server
+
+
+def restart(server) -> None:  # type: ignore[no-untyped-def]
+    """Start the same server again (same command, ports and environment) after it died."""
+    import subprocess
+
+    server.stop()
+    with open(server.output_path, "ab") as fh:
+        server.proc = subprocess.Popen(server.proc.args, stdout=fh, stderr=subprocess.STDOUT, env=server.extra["env"], start_new_session=True)
+
+
+def api_server_pid(server) -> int | None:  # type: ignore[no-untyped-def]
+    """The vLLM API server: the direct child of the ``weightwatch serve`` wrapper."""
+    import psutil
+
+    try:
+        kids = psutil.Process(server.proc.pid).children()
+    except psutil.Error:
+        return None
+    return kids[0].pid if kids else None
+
+
+def engine_core_pids(server) -> list[int]:  # type: ignore[no-untyped-def]
+    import psutil
+
+    out = []
+    try:
+        procs = psutil.Process(server.proc.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    for p in procs:
+        try:
+            if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()):
+                out.append(p.pid)
+        except psutil.Error:
+            pass
+    return out

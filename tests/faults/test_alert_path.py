@@ -49,10 +49,14 @@ def _firing_posts(sink: SlackSink) -> list[dict[str, Any]]:
 
 
 def _wait(predicate, timeout: float, interval: float = 0.5) -> bool:  # type: ignore[no-untyped-def]
+    """Poll until ``predicate()``; a refused connection (a process still starting) counts as not yet."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return True
+        try:
+            if predicate():
+                return True
+        except httpx.TransportError:
+            pass
         time.sleep(interval)
     return False
 

@@ -84,6 +84,18 @@ class EngineCalls:
     inflight: Callable[[], int | None] | None = None
 
 
+#: Largest admin request body read (a weight update's JSON is well under 1 KiB); larger ones get 413 unread,
+#: so a hostile or broken client cannot make the listener buffer and parse megabytes on its event loop.
+MAX_ADMIN_BODY_BYTES = 64 * 1024
+#: Longest piece of a client's value echoed back in an error message.
+MAX_ECHO_CHARS = 200
+
+
+def _shown(raw: str) -> str:
+    """The client's value for an error message, cut: a 64 KiB path is not echoed back whole."""
+    return repr(raw) if len(raw) <= MAX_ECHO_CHARS else f"{raw[:MAX_ECHO_CHARS]!r}... ({len(raw)} characters)"
+
+
 def validate_weight_dir(raw: Any, root: Path | None) -> Path:
     """The resolved weight directory, or AdminError(400) saying what is wrong with it."""
     if not isinstance(raw, str) or not raw.strip():
@@ -93,17 +105,17 @@ def validate_weight_dir(raw: Any, root: Path | None) -> Path:
     try:
         path = Path(raw).expanduser().resolve(strict=True)
     except (OSError, RuntimeError):
-        raise AdminError(400, f"weight_dir {raw!r} does not exist") from None
+        raise AdminError(400, f"weight_dir {_shown(raw)} does not exist") from None
     if root is not None and not path.is_relative_to(root):
-        raise AdminError(400, f"weight_dir {raw!r} resolves to {path}, outside the weights root {root}")
+        raise AdminError(400, f"weight_dir {_shown(raw)} resolves to {_shown(str(path))}, outside the weights root {root}")
     if not path.is_dir():
-        raise AdminError(400, f"weight_dir {raw!r} is not a directory")
+        raise AdminError(400, f"weight_dir {_shown(raw)} is not a directory")
     try:
         has_weights = any(p.is_file() for p in path.glob("*.safetensors"))
     except OSError as exc:
-        raise AdminError(400, f"weight_dir {raw!r} cannot be read: {exc}") from None
+        raise AdminError(400, f"weight_dir {_shown(raw)} cannot be read: {exc}") from None
     if not has_weights:
-        raise AdminError(400, f"weight_dir {raw!r} holds no *.safetensors files")
+        raise AdminError(400, f"weight_dir {_shown(raw)} holds no *.safetensors files")
     return path
 
 
@@ -119,8 +131,23 @@ def check_token(request: Request, token: str | None) -> None:
         raise AdminError(401, "wrong admin token", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
+async def _read_body(request: Request) -> bytes:
+    """The body, or AdminError(413) once it is longer than MAX_ADMIN_BODY_BYTES (declared or actually sent)."""
+    declared = request.headers.get("content-length", "")
+    if declared.strip().isdigit() and int(declared) > MAX_ADMIN_BODY_BYTES:
+        raise AdminError(413, f"body of {int(declared)} bytes is over the admin limit of {MAX_ADMIN_BODY_BYTES} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_ADMIN_BODY_BYTES:
+            raise AdminError(413, f"body is over the admin limit of {MAX_ADMIN_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _read_json_object(request: Request, *, required: bool) -> dict[str, Any]:
-    body = await request.body()
+    body = await _read_body(request)
     if not body.strip():
         if required:
             raise AdminError(400, 'missing JSON body {"weight_dir": ...}')
