@@ -341,7 +341,7 @@ def test_second_update_gets_409_while_one_runs_and_engine_errors_restore(inferen
     calls: list[str] = []
     fail_next: list[bool] = []
 
-    async def rpc(method, kwargs):
+    async def rpc(method, kwargs, args=()):
         calls.append(kwargs["weights_path"])
         if fail_next:
             fail_next.pop()

@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from weightwatch.catalogue import OPS
 from weightwatch.contracts import ADMIN_PATHS, ENV_ADMIN_TOKEN, ENV_ADMIN_TOKEN_FILE, RELOAD_PATH, UPDATE_PATH
 
-__all__ = ["ADMIN_PATHS", "ENV_ADMIN_TOKEN", "ENV_ADMIN_TOKEN_FILE", "RELOAD_PATH", "UPDATE_PATH", "QUIET_PATHS", "ConfigError", "InferenceConfig"]
+__all__ = [
+    "ADMIN_PATHS",
+    "ENV_ADMIN_TOKEN",
+    "ENV_ADMIN_TOKEN_FILE",
+    "RELOAD_PATH",
+    "UPDATE_PATH",
+    "QUIET_PATHS",
+    "ConfigError",
+    "InferenceConfig",
+]
 
 _log = logging.getLogger("weightwatch.inference")
 
@@ -27,6 +39,16 @@ ENV_LANE_DISPATCH = "WEIGHTWATCH_LANE_DISPATCH"
 ENV_TRACE_EXCLUDE = "WEIGHTWATCH_TRACE_EXCLUDE"
 ENV_ENGINE_NICE = "WEIGHTWATCH_ENGINE_NICE"
 ENV_TRACE_GENERATION = "WEIGHTWATCH_TRACE_GENERATION"
+#: Worker method behind ``/update_weights {"weight_dir"}``: vLLM's ``reload_weights`` (kwargs ``weights_path``) or a
+#: worker extension's method such as prime-rl's ``update_weights_from_path`` (one positional argument, the directory).
+ENV_UPDATE_METHOD = "WEIGHTWATCH_UPDATE_METHOD"
+DEFAULT_UPDATE_METHOD = "reload_weights"
+#: Seconds ``GET /liveness`` waits for the engine's no-op round trip before answering 503 engine_unresponsive.
+ENV_LIVENESS_TIMEOUT_S = "WEIGHTWATCH_LIVENESS_TIMEOUT_S"
+DEFAULT_LIVENESS_TIMEOUT_S = 10.0
+#: Fault injection for demos and tests: ``op=ms,...`` sleeps before that op's engine call; ``op,...`` fails it (500).
+ENV_INJECT_DELAY_MS = "WEIGHTWATCH_INJECT_DELAY_MS"
+ENV_INJECT_FAIL = "WEIGHTWATCH_INJECT_FAIL"
 #: Which generation (inference-lane) requests get OpenTelemetry server spans: those whose caller sent a valid
 #: ``traceparent`` ("parent", the default), all of them ("all"), or none ("off"). Admin requests always do.
 TRACE_GENERATION_POLICIES = ("parent", "all", "off")
@@ -38,6 +60,40 @@ QUIET_PATHS = frozenset({"/health", "/metrics", "/ping", "/load", "/version"})
 
 class ConfigError(ValueError):
     """A setting is present but unusable; raised at startup so a typo never silently disables safety."""
+
+
+def _known_op(op: str, source: str) -> str:
+    op = op.strip()
+    if op not in OPS:
+        raise ConfigError(f"{source}: unknown op {op!r}; known ops: {', '.join(OPS)}")
+    return op
+
+
+def parse_inject_delays(raw: str, source: str = ENV_INJECT_DELAY_MS) -> dict[str, float]:
+    """``"pause=1500,update_weights=20000"`` -> {op: ms}; ConfigError for anything else."""
+    delays: dict[str, float] = {}
+    for item in (part.strip() for part in (raw or "").split(",")):
+        if not item:
+            continue
+        op, sep, ms_raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{source}: {item!r} is not OP=MS")
+        op = _known_op(op, source)
+        try:
+            ms = float(ms_raw)
+        except ValueError:
+            raise ConfigError(f"{source}: {item!r}: {ms_raw.strip()!r} is not a number of milliseconds") from None
+        if not 0 <= ms < float("inf"):
+            raise ConfigError(f"{source}: {item!r}: the delay must be a finite number >= 0")
+        if op in delays:
+            raise ConfigError(f"{source}: op {op!r} is given twice")
+        delays[op] = ms
+    return delays
+
+
+def parse_inject_fail(raw: str, source: str = ENV_INJECT_FAIL) -> frozenset[str]:
+    """``"update_weights,pause"`` -> the ops that answer 500 as an engine failure; ConfigError for unknown ops."""
+    return frozenset(_known_op(op, source) for op in (raw or "").split(",") if op.strip())
 
 
 @dataclass(frozen=True)
@@ -57,6 +113,33 @@ class InferenceConfig:
     engine_nice: int = 0
     #: Generation requests with server spans: "parent" (only those whose caller sent a traceparent), "all", "off".
     trace_generation: str = "parent"
+    #: Worker method behind ``/update_weights {"weight_dir"}`` (see ``update_call``).
+    update_method: str = DEFAULT_UPDATE_METHOD
+    liveness_timeout_s: float = DEFAULT_LIVENESS_TIMEOUT_S
+    #: Injected sleep before an op's engine call, ms (WEIGHTWATCH_INJECT_DELAY_MS; update ops also take the old
+    #: WEIGHTWATCH_INJECT_RPC_DELAY_MS).
+    inject_delay_ms: Mapping[str, float] = field(default_factory=dict)
+    #: Ops whose engine call is replaced by an injected failure (WEIGHTWATCH_INJECT_FAIL).
+    inject_fail: frozenset[str] = frozenset()
+
+    def update_call(self, weight_dir: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+        """(method, args, kwargs) of the ``collective_rpc`` that loads ``weight_dir`` in every worker.
+
+        vLLM's ``reload_weights`` takes ``weights_path=DIR``; any other method (a worker extension's, such as
+        prime-rl's ``update_weights_from_path(weight_dir)``) gets the directory as its one positional argument,
+        exactly as prime-rl's own server calls it.
+        """
+        if self.update_method == DEFAULT_UPDATE_METHOD:
+            return self.update_method, (), {"weights_path": weight_dir}
+        return self.update_method, (weight_dir,), {}
+
+    def delay_ms(self, op: str) -> float:
+        """Injected delay before ``op``'s engine call (0 when none)."""
+        if op in self.inject_delay_ms:
+            return self.inject_delay_ms[op]
+        if op in ("update_weights", "reload_weights"):
+            return self.inject_rpc_delay_ms
+        return 0.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> InferenceConfig:
@@ -100,6 +183,18 @@ class InferenceConfig:
         trace_generation = (env.get(ENV_TRACE_GENERATION) or "parent").strip().lower()
         if trace_generation not in TRACE_GENERATION_POLICIES:
             raise ConfigError(f"{ENV_TRACE_GENERATION}={trace_generation!r} must be one of {', '.join(TRACE_GENERATION_POLICIES)}")
+        update_method = (env.get(ENV_UPDATE_METHOD) or DEFAULT_UPDATE_METHOD).strip()
+        if not update_method.isidentifier():
+            raise ConfigError(f"{ENV_UPDATE_METHOD}={update_method!r} is not a method name")
+        liveness_raw = (env.get(ENV_LIVENESS_TIMEOUT_S) or str(DEFAULT_LIVENESS_TIMEOUT_S)).strip()
+        try:
+            liveness_timeout = float(liveness_raw)
+        except ValueError as exc:
+            raise ConfigError(f"{ENV_LIVENESS_TIMEOUT_S}={liveness_raw!r} is not a number of seconds") from exc
+        if not 0 < liveness_timeout < float("inf"):
+            raise ConfigError(f"{ENV_LIVENESS_TIMEOUT_S}={liveness_raw!r} must be a finite number > 0")
+        inject_delay = parse_inject_delays(env.get(ENV_INJECT_DELAY_MS) or "")
+        inject_fail = parse_inject_fail(env.get(ENV_INJECT_FAIL) or "")
         weights_root = Path(root).resolve() if root else None
         if weights_root is not None and not weights_root.is_dir():
             _log.warning("weightwatch: %s=%s does not exist (yet); updates fail until it does", ENV_WEIGHTS_ROOT, weights_root)
@@ -115,4 +210,8 @@ class InferenceConfig:
             trace_exclude=(env.get(ENV_TRACE_EXCLUDE) or "").strip(),
             engine_nice=engine_nice,
             trace_generation=trace_generation,
+            update_method=update_method,
+            liveness_timeout_s=liveness_timeout,
+            inject_delay_ms=inject_delay,
+            inject_fail=inject_fail,
         )

@@ -144,23 +144,68 @@ class DirectUtility:
                 raise RuntimeError("EngineCore died while the call was in flight")
 
 
-def engine_calls_on(loop: asyncio.AbstractEventLoop, engine_client: Any, *, direct: bool = True) -> EngineCalls:
-    """EngineCalls for handlers on the lane's loop: engine work is dispatched to the main loop."""
+def engine_calls_on(loop: asyncio.AbstractEventLoop, engine_client: Any, *, direct: bool = True, state: Any = None) -> EngineCalls:
+    """EngineCalls for handlers on the lane's loop: engine work is dispatched to the main loop.
+
+    With ``direct`` (the default, when vLLM's client supports it) the engine-core utilities behind pause,
+    resume, is_paused, liveness and collective_rpc are sent by one main-loop callback (DirectUtility); the
+    rest (vLLM's update_info path, LoRA loading, cache clearing) runs as a coroutine on the main loop.
+    """
+    from weightwatch.inference import vllm_engine
+
     fast = DirectUtility(loop, engine_client)
     use_direct = direct and fast.available
 
-    async def rpc(method: str, kwargs: dict[str, Any]) -> Any:
+    def main(factory: Callable[[], Awaitable[Any]]) -> Awaitable[Any]:
+        return on_loop(loop, factory)()
+
+    async def rpc(method: str, kwargs: dict[str, Any], args: tuple[Any, ...] = ()) -> Any:
         if use_direct:
-            return await fast.call("collective_rpc", method, None, (), kwargs)
-        return await on_loop(loop, lambda: engine_client.collective_rpc(method, kwargs=kwargs))()
+            return await fast.call("collective_rpc", method, None, tuple(args), kwargs)
+        return await main(lambda: engine_client.collective_rpc(method, args=tuple(args), kwargs=kwargs))
 
     async def ping(mode: str | None = None) -> Any:
         if (mode or ("direct" if use_direct else "coroutine")) == "direct" and fast.available:
             return await fast.call("is_scheduler_paused")
-        return await on_loop(loop, engine_client.is_paused)()
+        return await main(engine_client.is_paused)
+
+    async def pause(mode: str, clear_cache: bool) -> None:
+        if not use_direct:
+            await main(lambda: engine_client.pause_generation(mode=mode, clear_cache=clear_cache))
+            return
+        # What AsyncLLM.pause_generation does, with the scheduler call sent directly.
+        renderer = getattr(engine_client, "renderer", None)
+        if clear_cache and renderer is not None:
+            await main(renderer.clear_mm_cache_async)
+        await fast.call("pause_scheduler", mode, clear_cache)
+        # vLLM sleeps 20 ms so final outputs of in-flight requests are handed out before the pause answers;
+        # kept for the same ordering (here on the lane's loop, which costs the main loop nothing).
+        await asyncio.sleep(0.02)
+
+    async def resume() -> None:
+        if use_direct:
+            await fast.call("resume_scheduler")
+        else:
+            await main(engine_client.resume_generation)
+
+    async def is_paused() -> bool:
+        if use_direct:
+            return bool(await fast.call("is_scheduler_paused"))
+        return bool(await main(engine_client.is_paused))
 
     _log.info("weightwatch: admin lane engine dispatch: %s", "direct utility calls" if use_direct else "run_coroutine_threadsafe")
-    return EngineCalls(collective_rpc=rpc, ping=ping)
+    return EngineCalls(
+        collective_rpc=rpc,
+        ping=ping,
+        pause=pause,
+        resume=resume,
+        is_paused=is_paused,
+        update_info=lambda info: main(lambda: vllm_engine.update_weights_info(engine_client, info)),
+        load_lora=lambda fields: main(lambda: vllm_engine.load_lora_adapter(state, fields)),
+        lora_enabled=lambda: vllm_engine.lora_enabled(engine_client),
+        # A length read under the GIL: safe from the lane's thread, no hop needed.
+        inflight=lambda: vllm_engine.unfinished_requests(engine_client),
+    )
 
 
 def build_lane_app(service: AdminService, engine: EngineCalls) -> FastAPI:

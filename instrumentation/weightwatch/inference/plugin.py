@@ -3,8 +3,9 @@
 Loaded by vLLM's own OpenAI server (``vllm serve`` or ``weightwatch serve``), it adds:
 
 * the first-byte middleware (``server.recv`` events, in-flight requests per lane), outermost;
-* the admin routes ``POST /update_weights`` and ``POST /reload_weights`` (replacing vLLM's dev-mode
-  route of the same path, as the endpoint-plugin contract says);
+* the admin routes of the weight sync (``/pause``, ``/resume``, ``/is_paused``, ``/update_weights`` in both shapes,
+  ``/reload_weights``, ``/load_lora_adapter``, ``/liveness``; admin.py), replacing vLLM's dev-mode routes of the
+  same paths, as the endpoint-plugin contract says, and needing no dev mode;
 * OpenTelemetry's FastAPI instrumentation (health and metrics paths excluded) on weightwatch's tracer provider;
   generation requests get server spans when their caller sent a ``traceparent`` (WEIGHTWATCH_TRACE_GENERATION);
 * weightwatch's metrics on vLLM's ``/metrics`` (the default Prometheus registry vLLM serves);
@@ -98,7 +99,7 @@ class WeightwatchPlugin:
     # Phase B: on the server's running loop, with the engine client.
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         from weightwatch import telemetry
-        from weightwatch.inference.admin import EngineCalls
+        from weightwatch.inference.vllm_engine import main_calls
 
         if self.service is None:  # attach_router was not called (e.g. run_batch builds its own state)
             return
@@ -109,13 +110,7 @@ class WeightwatchPlugin:
             _log.warning("weightwatch: no engine client (render-only server); admin endpoints answer 503")
             return
 
-        async def rpc(method: str, kwargs: dict[str, Any]) -> Any:
-            return await engine_client.collective_rpc(method, kwargs=kwargs)
-
-        async def ping(mode: str | None = None) -> Any:
-            return await engine_client.is_paused()
-
-        self.engine_calls = EngineCalls(collective_rpc=rpc, ping=ping)
+        self.engine_calls = main_calls(engine_client, state)
         try:
             self._lag_task = telemetry.start_loop_lag_probe("rl_event_loop_lag_seconds")
         except Exception:  # noqa: BLE001
@@ -130,14 +125,14 @@ class WeightwatchPlugin:
             except Exception:  # noqa: BLE001 - a scheduling nicety, never a reason to stop serving
                 _log.warning("weightwatch: cannot lower the engine processes' priority", exc_info=True)
         if self.config.admin_port is not None:
-            self._start_lane(engine_client)
+            self._start_lane(engine_client, state)
 
-    def _start_lane(self, engine_client: Any) -> None:
+    def _start_lane(self, engine_client: Any, state: Any) -> None:
         from weightwatch.inference.lane import AdminLane, build_lane_app, engine_calls_on
 
         assert self.config is not None and self.config.admin_port is not None
         loop = asyncio.get_running_loop()
-        app = build_lane_app(self.service, engine_calls_on(loop, engine_client, direct=self.config.lane_dispatch == "direct"))
+        app = build_lane_app(self.service, engine_calls_on(loop, engine_client, direct=self.config.lane_dispatch == "direct", state=state))
         self.lane = AdminLane(app, self.config.admin_host, self.config.admin_port)
         # A lane that cannot bind is a startup error: the operator asked for it and would otherwise
         # silently fall back to the congested main port.

@@ -2,6 +2,7 @@
 
     weightwatch serve --model PATH [--host H] [--port P] [--admin-port P] [--weights-root DIR]
                       [--log-file F] [--span-file F] [--engine-nice N] [--trace-generation parent|all|off]
+                      [--update-method NAME] [--inject-delay OP=MS ...] [--inject-fail OP ...]
                       [-- extra vLLM args]
 
 It runs ``python -m vllm.entrypoints.openai.api_server`` as a child with ``VLLM_PLUGINS`` including
@@ -64,6 +65,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="which generation requests get OpenTelemetry server spans: parent (those that arrive with a traceparent), "
         f"all, or off; admin requests always do (default: ${cfg.ENV_TRACE_GENERATION} or parent)",
     )
+    parser.add_argument(
+        "--update-method",
+        default=None,
+        metavar="NAME",
+        help="worker method behind /update_weights {weight_dir}: vLLM's reload_weights (default; kwargs weights_path=DIR) or a "
+        "worker extension's method such as prime-rl's update_weights_from_path (called with DIR as its one positional argument) "
+        f"(${cfg.ENV_UPDATE_METHOD})",
+    )
+    parser.add_argument(
+        "--inject-delay",
+        action="append",
+        default=None,
+        metavar="OP=MS",
+        help="fault injection for demos and tests: sleep MS before OP's engine call (repeatable; "
+        f"${cfg.ENV_INJECT_DELAY_MS}, e.g. pause=1500,update_weights=20000)",
+    )
+    parser.add_argument(
+        "--inject-fail",
+        action="append",
+        default=None,
+        metavar="OP",
+        help=f"fault injection: OP answers 500 as an engine failure without reaching the engine (repeatable; ${cfg.ENV_INJECT_FAIL})",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the command and environment, do not start")
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: extra arguments for vLLM's server")
 
@@ -123,6 +147,16 @@ def build_command(args: argparse.Namespace, env: dict[str, str]) -> tuple[list[s
         child_env.setdefault(cfg.ENV_ENGINE_NICE, str(DEFAULT_ENGINE_NICE))
     if getattr(args, "trace_generation", None) is not None:
         child_env[cfg.ENV_TRACE_GENERATION] = args.trace_generation
+    if getattr(args, "update_method", None):
+        child_env[cfg.ENV_UPDATE_METHOD] = args.update_method
+    if getattr(args, "inject_delay", None):
+        spec = ",".join(args.inject_delay)
+        cfg.parse_inject_delays(spec, "--inject-delay")  # a bad spec stops here, not inside vLLM's startup
+        child_env[cfg.ENV_INJECT_DELAY_MS] = spec
+    if getattr(args, "inject_fail", None):
+        spec = ",".join(args.inject_fail)
+        cfg.parse_inject_fail(spec, "--inject-fail")
+        child_env[cfg.ENV_INJECT_FAIL] = spec
     if args.weights_root is not None:
         child_env[cfg.ENV_WEIGHTS_ROOT] = str(args.weights_root.resolve())
     if args.admin_token_file is not None:
@@ -135,7 +169,12 @@ def build_command(args: argparse.Namespace, env: dict[str, str]) -> tuple[list[s
 
 
 def run(args: argparse.Namespace) -> int:
-    cmd, env = build_command(args, dict(os.environ))
+    try:
+        cmd, env = build_command(args, dict(os.environ))
+        cfg.InferenceConfig.from_env(env)  # every WEIGHTWATCH_* setting checked before vLLM spends 40 s starting
+    except cfg.ConfigError as exc:
+        print(f"weightwatch serve: {exc}", file=sys.stderr)
+        return 2
     if args.dry_run:
         for key in sorted(k for k in env if k.startswith(("WEIGHTWATCH_", "VLLM_"))):
             print(f"{key}={env[key]}")
