@@ -1,7 +1,10 @@
 """Follow log files as they grow and turn their events into the catalogue's Prometheus metrics.
 
 For jobs that print the event lines but never imported weightwatch (or run it without a metrics
-port): point ``weightwatch tail`` at their logs and scrape it instead. Files are followed by name,
+port): point ``weightwatch tail`` at their logs and scrape it instead. Each event becomes metrics through
+``weightwatch.event_metrics``, the table the live emitters record through, so the two cannot disagree
+(a ``client.done ... ok=0`` is a failure here too); the age of admin calls still in flight is computed
+at scrape time from their ``client.send``. Files are followed by name,
 like ``tail -F``: a rotation (rename, then a new file) is noticed by inode and the old file is read to
 its end first; a truncation in place (copytruncate) is noticed by size, or, when the file grew past our
 position again before we looked, by the last bytes we read no longer being there; reading restarts at 0.
@@ -12,23 +15,20 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from prometheus_client import CollectorRegistry
 
-from weightwatch.analysis.collect import server_of
+from weightwatch.contracts import op_of_path
+from weightwatch.event_metrics import EventRecorder
 from weightwatch.events import Event, Rejected, parse_line
 from weightwatch.telemetry import Metrics
 
 _log = logging.getLogger("weightwatch.tail")
 #: Longest line kept while waiting for its newline; longer ones are cut (and then rejected or ignored).
 MAX_LINE = 1 << 20
-#: Sends remembered while waiting for their client.done (to label it with the server).
-MAX_PENDING = 10_000
 
 
 class Follower:
@@ -133,18 +133,21 @@ class TailStats:
 
 
 class EventMetrics:
-    """Maps parsed events to the catalogue's metrics, as the instrumented processes would record them."""
+    """Parsed lines -> the catalogue's metrics, through the same table the live emitters use (event_metrics)."""
 
     def __init__(self, registry: CollectorRegistry):
         self.metrics = Metrics(registry)
-        self._pending: OrderedDict[str, list[tuple[str, str]]] = OrderedDict()
+        self.recorder = EventRecorder(self.metrics)
         self.stats = TailStats()
 
     def line(self, raw: bytes) -> None:
         self.stats.lines += 1
-        result = parse_line(raw.decode("utf-8", "replace"))
+        text = raw.decode("utf-8", "replace")
+        result = parse_line(text)
         if result is None:
             return
+        if isinstance(result, Rejected):
+            result = _seed_send(result)
         if isinstance(result, Rejected):
             self.stats.rejected += 1
             _log.debug("skipped line (%s): %s", result.reason, result.line[:200])
@@ -156,65 +159,25 @@ class EventMetrics:
             _log.warning("weightwatch tail: cannot record %s", result.key, exc_info=True)
 
     def event(self, e: Event) -> None:
-        m = self.metrics
-        k = e.key
-        if k == "weights.client.send":
-            sends = self._pending.setdefault(e.tid or "", [])
-            sends.append((server_of(e["url"]), e["op"]))
-            self._pending.move_to_end(e.tid or "")
-            while len(self._pending) > MAX_PENDING:
-                self._pending.popitem(last=False)
-        elif k == "weights.client.done":
-            server, op = self._label(e)
-            labels = {"op": op, "server": server}
-            for name, field in (("rl_weight_update_wall_seconds", "wall_ms"), ("rl_weight_update_queue_seconds", "queue_ms"),
-                                ("rl_weight_update_rpc_seconds", "rpc_ms")):
-                v = e.get(field)
-                if v is not None:
-                    m.observe(name, v / 1000.0, **labels)
-            pool = e.get("pool_wait_ms")
-            if pool not in (None, "na"):
-                m.observe("rl_weight_update_pool_wait_seconds", float(pool) / 1000.0, **labels)
-            if e["queue_ms"] is not None:
-                m.set("rl_weight_update_last_queue_seconds", e["queue_ms"] / 1000.0, **labels)
-            m.set("rl_weight_update_last_success_timestamp_seconds", time.time(), **labels)
-        elif k == "weights.rpc.done":
-            if e["rpc_ms"] is not None:
-                m.observe("rl_admin_rpc_seconds", e["rpc_ms"] / 1000.0, op=e["op"])
-        elif k == "ckpt.wait.done":
-            if e["wait_ms"] is not None:
-                m.observe("rl_checkpoint_wait_seconds", e["wait_ms"] / 1000.0)
-        elif k == "ckpt.write.done":
-            if e["write_ms"] is not None:
-                m.observe("rl_checkpoint_write_seconds", e["write_ms"] / 1000.0)
-            m.set("rl_trainer_step", e["step"])
-        elif k == "gen.batch.start":
-            m.set("rl_generation_inflight_requests", e["inflight"])
-        elif k == "gen.batch.done":
-            if e["dur_ms"] is not None:
-                m.observe("rl_generation_batch_seconds", e["dur_ms"] / 1000.0)
-            m.set("rl_generation_inflight_requests", e["inflight"])
-        elif k == "rollout":
-            if e["trunc_pct"] is not None:
-                m.set("rl_rollout_truncated_ratio", e["trunc_pct"] / 100.0)
-            m.set("rl_rollout_staleness_steps", e["staleness"])
-            m.set("rl_orchestrator_step", e["current_step"])
-            m.set("rl_checkpoint_step", e["ckpt_step"])
-            lvl = e.get("async_level")
-            if lvl is not None and str(lvl).isdigit():
-                m.set("rl_async_level", int(lvl))
+        fields = e.fields
+        if e.key == "weights.client.send" and not fields.get("op"):
+            fields = {**fields, "op": op_of_path(str(fields.get("url") or ""))}  # seed-era line: the op is the URL's
+        self.recorder.record(e.key, e.tid, fields)
 
-    def _label(self, e: Event) -> tuple[str, str]:
-        srv = e.get("server") or e.get("url")
-        op = e.get("op")
-        sends = self._pending.get(e.tid or "")
-        if sends:
-            pick = next((s for s in sends if srv is None or s[0] == server_of(srv)), sends[0])
-            sends.remove(pick)
-            if not sends:
-                self._pending.pop(e.tid or "", None)
-            return pick[0], op or pick[1]
-        return (server_of(srv) if srv else "unknown"), (op or "update_weights")
+
+def _seed_send(rejected: Rejected) -> Event | Rejected:
+    """A seed-era ``client.send`` without ``op=`` (the op is the URL's last path segment).
+
+    The grammar makes ``op`` optional on client.send (events.py); until a parser that does is in place,
+    the line is parsed again with the op it implies.
+    """
+    if not rejected.reason.endswith("client.send: missing op"):
+        return rejected
+    url = next((tok[4:] for tok in rejected.line.split() if tok.startswith("url=")), None)
+    if not url:
+        return rejected
+    again = parse_line(f"{rejected.line.rstrip()} op={op_of_path(url)}")
+    return again if again is not None else rejected
 
 
 class Tailer:

@@ -20,7 +20,7 @@ from urllib.parse import quote
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from weightwatch import events, telemetry
+from weightwatch import event_metrics, events, telemetry
 from weightwatch.contracts import STABLE_MARKER, STEP_DIR_RE, step_dir
 
 _log = logging.getLogger("weightwatch.orchestrator")
@@ -211,8 +211,7 @@ def _started(waiter: _Waiter) -> None:
 def _found(waiter: _Waiter, span: trace.Span) -> Path:
     wait_ms = waiter.elapsed() * 1000.0
     span.set_attribute("rl.wait_ms", round(wait_ms, 3))
-    telemetry.get().metrics.observe("rl_checkpoint_wait_seconds", wait_ms / 1000.0)
-    events.emit("ckpt.wait.done", target_step=waiter.step, wait_ms=wait_ms)
+    event_metrics.emit("ckpt.wait.done", target_step=waiter.step, wait_ms=wait_ms)  # and rl_checkpoint_wait_seconds
     return waiter.target
 
 

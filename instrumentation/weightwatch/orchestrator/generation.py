@@ -22,7 +22,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from weightwatch import events, telemetry
+from weightwatch import event_metrics, telemetry
 
 _log = logging.getLogger("weightwatch.orchestrator")
 
@@ -50,7 +50,7 @@ class Batch:
         self._token = otel_context.attach(trace.set_span_in_context(self._span))
         self._t0 = time.perf_counter()
         self.tracker._open(self)
-        events.emit("gen.batch.start", inflight=self.tracker.inflight, target_batch=self.target_batch)
+        event_metrics.emit("gen.batch.start", inflight=self.tracker.inflight, target_batch=self.target_batch)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
@@ -59,8 +59,7 @@ class Batch:
         inflight = self.tracker.inflight
         span = self._span
         try:
-            telemetry.get().metrics.observe("rl_generation_batch_seconds", self.dur_ms / 1000.0)
-            events.emit("gen.batch.done", completions=self.completions, dur_ms=self.dur_ms, inflight=inflight)
+            event_metrics.emit("gen.batch.done", completions=self.completions, dur_ms=self.dur_ms, inflight=inflight)
             if span is not None:
                 span.set_attribute("rl.completions", self.completions)
                 span.set_attribute("rl.inflight", inflight)
@@ -173,18 +172,10 @@ def record_rollout(step: int, ckpt_step: int, truncated: int, total: int, async_
         return None
     ratio = trunc_i / total_i if total_i else None  # no completions: the ratio is unknown, not 0
     staleness = step_i - ckpt_i
-    metrics = telemetry.get().metrics
-    if ratio is not None:
-        metrics.set("rl_rollout_truncated_ratio", ratio)
-    metrics.set("rl_rollout_staleness_steps", staleness)
-    metrics.set("rl_orchestrator_step", step_i)
-    metrics.set("rl_checkpoint_step", ckpt_i)
-    if level is not None:
-        metrics.set("rl_async_level", level)
     extra: dict[str, Any] = {"truncated": trunc_i, "total": total_i}
     if level is not None:
         extra["async_level"] = level
-    events.emit(
+    event_metrics.emit(  # the gauges (truncation, staleness, steps, async level) come from the event's table
         "rollout", trunc_pct=None if ratio is None else ratio * 100.0, current_step=step_i, ckpt_step=ckpt_i, staleness=staleness, **extra
     )
     stats = RolloutStats(step_i, ckpt_i, ratio, staleness, level)

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from weightwatch import events, telemetry
+from weightwatch import event_metrics, telemetry
 from weightwatch.contracts import STABLE_MARKER, STEP_DIR_RE, TMP_STEP_PREFIX, WEIGHTS_FILE, step_dir
 
 _log = logging.getLogger("weightwatch.trainer")
@@ -184,10 +184,8 @@ class CheckpointWriter:
             span.set_attribute("rl.bytes", nbytes)
             write_s = time.perf_counter() - start
             span.set_attribute("rl.write_ms", round(write_s * 1000, 3))
-            tele.metrics.observe("rl_checkpoint_write_seconds", write_s)
-        tele.metrics.set("rl_checkpoint_bytes", nbytes)
-        tele.metrics.set("rl_trainer_step", step)
-        events.emit("ckpt.write.done", None, step=step, write_ms=write_s * 1000, bytes=nbytes, path=str(final).replace(" ", "%20"))
+            # the write histogram, rl_checkpoint_bytes and rl_trainer_step come from the event's table
+            event_metrics.emit("ckpt.write.done", None, step=step, write_ms=write_s * 1000, bytes=nbytes, path=str(final).replace(" ", "%20"))
         self._prune()
         return final
 
