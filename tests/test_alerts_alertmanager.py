@@ -6,6 +6,7 @@ running Alertmanager: TargetDown silences the alerts it causes and nothing else.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from datetime import UTC, datetime, timedelta
@@ -145,6 +146,77 @@ def test_target_down_inhibits_the_alerts_it_causes(alertmanager):
         "trunc-orch-b": "suppressed",
         "trunc-orch": "active",
     }
+    key_of = {tuple(sorted(v.items())): k for k, v in alerts.items()}
+    states: dict[str, str] = {}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        got = httpx.get(alertmanager + "/api/v2/alerts", timeout=10).json()
+        states = {key_of[tuple(sorted(a["labels"].items()))]: a["status"]["state"] for a in got}
+        if states == expected:
+            break
+        time.sleep(0.5)
+    assert states == expected
+
+
+def _render(tmp_path, alerts: list[dict], template: str) -> str:
+    """amtool template render with the repository's Slack templates on the given alerts (Alertmanager's data shape)."""
+    data = {
+        "receiver": "slack",
+        "status": "firing",
+        "alerts": [{"status": "firing", "startsAt": "2026-01-01T00:00:00Z", "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "",
+                    "fingerprint": str(i), **a} for i, a in enumerate(alerts)],
+        "groupLabels": {"alertname": alerts[0]["labels"]["alertname"]},
+        "commonLabels": {"alertname": alerts[0]["labels"]["alertname"], "severity": alerts[0]["labels"]["severity"]},
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+    }
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(data))
+    res = _amtool("template", "render", f"--template.glob={DEPLOY / 'alertmanager' / 'templates' / '*.tmpl'}",
+                  f"--template.data={path}", f"--template.text={{{{ template \"{template}\" . }}}}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
+
+
+def _sync_alert(i: int) -> dict:
+    return {
+        "labels": {"alertname": "WeightSyncPauseSlow", "severity": "warning", "phase": "pause", "server": f"inference-{i}:8001", "job": "orchestrator"},
+        "annotations": {"summary": f"Pausing inference-{i}:8001 takes 1.5s", "description": "Likely cause: ...", "value": "1.5s",
+                        "runbook_url": "docs/stack.md#weightsyncpauseslow", "dashboard": f"/d/ww-sync-phases?var-server=inference-{i}:8001"},
+    }
+
+
+def test_slack_line_names_the_phase_and_a_message_lists_at_most_ten_alerts(tmp_path):
+    one = _render(tmp_path, [_sync_alert(0)], "ww.slack.text")
+    assert "*WeightSyncPauseSlow* (warning) phase=pause server=inference-0:8001 op=- value=1.5s" in one
+    assert "Runbook: docs/stack.md#weightsyncpauseslow" in one and "and 1 firing in all" not in one
+    many = _render(tmp_path, [_sync_alert(i) for i in range(1024)], "ww.slack.text")
+    assert many.count("*WeightSyncPauseSlow*") == 10
+    assert "… and 1024 firing in all" in many
+    # alerts without a phase keep the seed's line
+    queue = {"labels": {"alertname": "WeightUpdateQueueHigh", "severity": "warning", "server": "s:8001", "op": "update_weights"},
+             "annotations": {"summary": "s", "description": "d", "value": "490ms", "runbook_url": "docs/stack.md#weightupdatequeuehigh", "dashboard": "/d/ww-weight-sync"}}
+    assert "*WeightUpdateQueueHigh* (warning) server=s:8001 op=update_weights value=490ms" in _render(tmp_path, [queue], "ww.slack.text")
+
+
+def test_a_dead_inference_server_pages_once_not_for_each_sync_alert(alertmanager):
+    now = datetime.now(UTC)
+    window = {"startsAt": now.isoformat(), "endsAt": (now + timedelta(minutes=10)).isoformat()}
+    s0, s1 = "inference-0:8001", "inference-1:8001"
+    orch = {"job": "orchestrator", "instance": "orch:9400"}
+    alerts = {
+        "down": {"alertname": "TargetDown", "severity": "critical", "job": "inference", "instance": "inference-0:8000", "server": s0},
+        "hung-s0": {"alertname": "AdminCallHung", "severity": "critical", "op": "update_weights", "phase": "transfer", "server": s0, **orch},
+        "straggler-s0": {"alertname": "WeightSyncStraggler", "severity": "warning", "phase": "transfer", "server": s0, **orch},
+        "skew-s0": {"alertname": "WeightVersionSkew", "severity": "warning", "phase": "transfer", "server": s0, **orch},
+        "hung-s1": {"alertname": "AdminCallHung", "severity": "critical", "op": "pause", "phase": "pause", "server": s1, **orch},
+        "pause-s0": {"alertname": "WeightSyncPauseSlow", "severity": "warning", "phase": "pause", "server": s0, **orch},
+    }
+    r = httpx.post(alertmanager + "/api/v2/alerts", json=[{"labels": labels, **window} for labels in alerts.values()], timeout=10)
+    assert r.status_code == 200, r.text
+    # a slow pause measured before the server died is still news; the others follow from the outage
+    expected = {"down": "active", "hung-s0": "suppressed", "straggler-s0": "suppressed", "skew-s0": "suppressed",
+                "hung-s1": "active", "pause-s0": "active"}
     key_of = {tuple(sorted(v.items())): k for k, v in alerts.items()}
     states: dict[str, str] = {}
     deadline = time.monotonic() + 20

@@ -206,7 +206,7 @@ def test_rules_use_only_catalogue_metrics():
     functions = {
         "histogram_quantile", "sum", "by", "rate", "increase", "or", "unless", "offset", "and", "on", "max", "time", "changes",
         "avg_over_time", "le", "job", "instance", "op", "server",
-        "quantile", "count", "min", "label_replace", "group_left", "group_right", "bool", "min_over_time", "phase",
+        "quantile", "count", "min", "label_replace", "group_left", "group_right", "bool", "min_over_time", "max_over_time", "phase",
     }
     for rule in _rules():
         expr = re.sub(r'"[^"]*"|\[[^\]]*\]|\{[^}]*\}|\b\d+(\.\d+)?[smhdwy]?\b', " ", rule["expr"])

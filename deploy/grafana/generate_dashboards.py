@@ -107,6 +107,17 @@ def vllm(name: str) -> str:
     return name
 
 
+def vllm_series(name: str, sel: str, suffix: str = "") -> str:
+    """A selector for one of vLLM's metrics under either spelling of its name.
+
+    prometheus_client (0.26) writes the colon of `vllm:*` sample names as `_` in OpenMetrics unless the scraper asks
+    for `escaping=allow-utf-8`: Prometheus 3 asks and stores `vllm:x`, Prometheus 2 (Debian's 2.42) does not and
+    stores `vllm_x`. Matching both keeps the panels working on both.
+    """
+    rest = vllm(name).removeprefix("vllm:")
+    return f'{{__name__=~"vllm[:_]{rest}{suffix}", {sel}}}'
+
+
 def bucket(name: str) -> str:
     return metric(name, "histogram") + "_bucket"
 
@@ -852,8 +863,8 @@ event-loop lag climb at the same moment the update queue does, the update waited
                     "vllm:num_requests_waiting). Bad: waiting above 0 for long means the engine is saturated; new work, "
                     "and the reload's engine call, wait behind it.",
                     [
-                        target(f"sum by (instance) ({vllm('vllm:num_requests_running')}{{{SEL_INFER}}})", "running {{instance}}"),
-                        target(f"sum by (instance) ({vllm('vllm:num_requests_waiting')}{{{SEL_INFER}}})", "waiting {{instance}}"),
+                        target(f"sum by (instance) ({vllm_series('vllm:num_requests_running', SEL_INFER)})", "running {{instance}}"),
+                        target(f"sum by (instance) ({vllm_series('vllm:num_requests_waiting', SEL_INFER)})", "waiting {{instance}}"),
                     ],
                     "short",
                 ),
@@ -865,7 +876,7 @@ event-loop lag climb at the same moment the update queue does, the update waited
                     "vLLM KV-cache usage",
                     "Share of the KV cache in use (vllm:kv_cache_usage_perc, 1 = full). Bad: near 100 % the scheduler stops "
                     "admitting requests (waiting grows) and may preempt running ones.",
-                    [target(f"max by (instance) ({vllm('vllm:kv_cache_usage_perc')}{{{SEL_INFER}}})", "{{instance}}")],
+                    [target(f"max by (instance) ({vllm_series('vllm:kv_cache_usage_perc', SEL_INFER)})", "{{instance}}")],
                     "percentunit",
                     threshold=0.9,
                     max_value=1,
@@ -882,8 +893,8 @@ event-loop lag climb at the same moment the update queue does, the update waited
                     "Bad: a drop to 0 during an update means generation paused for the reload; a drop without one means the "
                     "engine or the orchestrator stalled.",
                     [
-                        target(f"sum by (instance) (rate({vllm('vllm:generation_tokens_total')}{{{SEL_INFER}}}[{RATE}]))", "generated {{instance}}"),
-                        target(f"sum by (instance) (rate({vllm('vllm:prompt_tokens_total')}{{{SEL_INFER}}}[{RATE}]))", "prompt {{instance}}"),
+                        target(f"sum by (instance) (rate({vllm_series('vllm:generation_tokens_total', SEL_INFER)}[{RATE}]))", "generated {{instance}}"),
+                        target(f"sum by (instance) (rate({vllm_series('vllm:prompt_tokens_total', SEL_INFER)}[{RATE}]))", "prompt {{instance}}"),
                     ],
                     "suffix: tok/s",
                 ),
@@ -1051,7 +1062,7 @@ def sync_phases() -> dict:
     version = metric("rl_weight_version", "gauge")
     paused = metric("rl_engine_paused", "gauge")
     held = metric("rl_engine_pause_inflight_requests", "histogram")
-    vllm_ops = vllm("vllm:rl_weight_update_operation_duration_seconds") + "_bucket"
+    vllm_ops = vllm_series("vllm:rl_weight_update_operation_duration_seconds", SEL_INFER, "_bucket")
     sync_ops = "|".join(op for op in catalogue.OPS if op in catalogue.PHASE_OF_OP)
     pause_ms, resume_ms = round(catalogue.PAUSE_SLOW_SECONDS * 1000), round(catalogue.RESUME_SLOW_SECONDS * 1000)
     how = f"""
@@ -1391,7 +1402,7 @@ Thresholds: pause/resume slow above {pause_ms:,}/{resume_ms:,} ms.
                     "and the server's update_weights time. Bad: ours far above vLLM's means the time is outside vLLM's operation "
                     "(queue, pause, HTTP); vLLM's only series empty is normal for weight_dir updates or vLLM builds without it.",
                     [
-                        target(f"histogram_quantile(0.95, sum by (le, operation) (rate({vllm_ops}{{{SEL_INFER}}}[{SYNC_WINDOW}])))", "vLLM {{operation}} p95"),
+                        target(f"histogram_quantile(0.95, sum by (le, operation) (rate({vllm_ops}[{SYNC_WINDOW}])))", "vLLM {{operation}} p95"),
                         target(f'max({recorded("phase:rl_weight_sync_phase_seconds:p95_5m")}{{{SEL_JOB}, phase="transfer"}})', "weightwatch transfer phase p95"),
                         target(f'max({recorded("op:rl_admin_server_seconds:p95_5m")}{{{SEL_JOB}, op="update_weights"}})', "weightwatch server update_weights p95"),
                     ],
@@ -1406,7 +1417,7 @@ Thresholds: pause/resume slow above {pause_ms:,}/{resume_ms:,} ms.
                     "vLLM weight-transfer operations in flight",
                     "vLLM's vllm:rl_weight_update_operations_in_flight per operation (present only where vLLM's own weight-transfer "
                     "routes ran). Bad: above 0 for longer than a transfer takes: a vLLM weight operation hangs.",
-                    [target(f"sum by (instance, operation) ({vllm('vllm:rl_weight_update_operations_in_flight')}{{{SEL_INFER}}})", "{{instance}} {{operation}}")],
+                    [target(f"sum by (instance, operation) ({vllm_series('vllm:rl_weight_update_operations_in_flight', SEL_INFER)})", "{{instance}} {{operation}}")],
                     "short",
                     step_lines=True,
                     no_value="not exposed by this server (vLLM records it only in its own weight-transfer routes)",
