@@ -33,8 +33,8 @@ import pytest
 import yaml
 
 from conftest import free_port, require_binary
-from test_dashboards import GEN, dashboards, metric_names, panel_queries
-from test_dashboards_live import Prometheus, check_every_query
+from test_dashboards import dashboards, panel_queries
+from test_dashboards_live import Prometheus, check_every_query, uses_vllm_rl
 from test_stack_support import DEPLOY, SlackSink
 from weightwatch.events import Event, parse_line
 from weightwatch.stack_cli import LocalStack, start_stack
@@ -151,7 +151,7 @@ def _fault_run(base: Path, tiny_model: Path, name: str, args: tuple[str, ...], d
         run.seconds["run"] = time.monotonic() - running
         run.posts = sink.snapshot()
         end = time.time()
-        run.dashboards = check_every_query(_Running(stack.prometheus_url), end - run.seconds["run"], end, skip=_vllm_transfer_engine_only)
+        run.dashboards = check_every_query(_Running(stack.prometheus_url), end - run.seconds["run"], end, skip=uses_vllm_rl)
         run.seconds["total"] = time.monotonic() - t0
         # the CI budget of these runs, for whoever reads the log (-s) or the run directory
         timings = {"seconds": run.seconds, "posted_after_orchestrator_start_s": {
@@ -172,20 +172,14 @@ def _fault_run(base: Path, tiny_model: Path, name: str, args: tuple[str, ...], d
         sink.close()
 
 
-def _vllm_transfer_engine_only(expr: str) -> bool:
-    """Panels on vLLM's own RL transfer metrics, which exist only where vLLM's `update_info` routes ran (the demo
-    loads weights from a directory, prime-rl's filesystem shape); their panels show a no-data text instead."""
-    return any(n.removesuffix(suffix) in GEN.VLLM_OPTIONAL_METRICS
-               for n in metric_names(expr) for suffix in ("_bucket", "_sum", "_count", ""))
-
-
 def _assert_every_panel_has_data(run: FaultRun) -> None:
     result = run.dashboards
     assert result["checked"], "no panel queries ran"
     assert not result["failures"], "panels without data:\n" + "\n".join(result["failures"])
-    # only the panels on vLLM's transfer-engine metrics were left out, and those are few
+    # only the panels on vLLM's own RL transfer metrics were left out: they exist only where vLLM's update_info
+    # routes ran (the demo loads weights from a directory, prime-rl's filesystem shape) and show a no-data text
     skipped = [e for d in dashboards().values() for w, e in panel_queries(d) if w in result["skipped"]]
-    assert all(_vllm_transfer_engine_only(e) for e in skipped) and len(skipped) <= 4, result["skipped"]
+    assert all(uses_vllm_rl(e) for e in skipped) and len(skipped) <= 4, result["skipped"]
 
 
 HUNG_ALERTS = ("AdminCallHung",)
