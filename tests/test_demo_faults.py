@@ -221,20 +221,13 @@ def skew_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Faul
     return _fault_run(tmp_path_factory.mktemp("demo_skew"), tiny_model, "skew", ("--version-skew",), SYNC_ALERT_RUN_S, SKEW_ALERTS)
 
 
-def _signatures(run_dir: Path) -> set[str]:
-    """Every signature the analyzer names for the run (the verdict, and the sync signatures it found)."""
+def _signatures(run_dir: Path) -> tuple[str, set[str]]:
+    """The analyzer's verdict for the run, and every signature it names (the verdict and each sync signature found)."""
     from weightwatch.analysis import analyze_paths
 
     report = analyze_paths([run_dir])
-    data = report.to_dict()
-    names = {report.verdict.signature, *data["verdict"].get("counts", {})}
-    for key in ("signatures", "sync_signatures"):
-        value = data.get(key) or data.get("syncs", {}).get(key) if isinstance(data.get("syncs"), dict) else data.get(key)
-        if isinstance(value, dict):
-            names |= {k for k, v in value.items() if v}
-        elif isinstance(value, list):
-            names |= {v if isinstance(v, str) else v.get("signature") for v in value}
-    return {n for n in names if n}
+    by_signature = report.to_dict()["syncs"]["by_signature"]
+    return report.verdict.signature, {report.verdict.signature, *(sig for sig, count in by_signature.items() if count)}
 
 
 #: What the dashboard's in-flight panel and AdminCallHung read: the age of the oldest waiting call over its budget.
@@ -251,7 +244,9 @@ def _assert_clean_exit(run: FaultRun) -> None:
 
 def test_hung_update_is_named_by_the_analyzer(hung_run: FaultRun):
     _assert_clean_exit(hung_run)
-    assert "hung" in _signatures(hung_run.run_dir), hung_run.text()[-3000:]
+    verdict, found = _signatures(hung_run.run_dir)
+    assert verdict == "hung", f"{verdict} {found}\n{hung_run.text()[-3000:]}"
+    assert "verdict: hung" in hung_run.text()
 
 
 def test_hung_update_alert_reaches_slack_while_the_call_is_in_flight(hung_run: FaultRun):
@@ -296,8 +291,9 @@ def _posted(run: FaultRun, alerts: tuple[str, ...]) -> None:
 
 def test_straggler_run_signatures(straggler_run: FaultRun):
     _assert_clean_exit(straggler_run)
-    found = _signatures(straggler_run.run_dir)
-    assert {"pause_slow", "straggler"} <= found, f"{found}\n{straggler_run.text()[-3000:]}"
+    verdict, found = _signatures(straggler_run.run_dir)
+    # both in every sync: the verdict is one of them, and the analyzer names the other too
+    assert verdict in ("pause_slow", "straggler") and {"pause_slow", "straggler"} <= found, f"{verdict} {found}\n{straggler_run.text()[-3000:]}"
 
 
 def test_straggler_run_alerts_reach_slack_naming_server_and_phase(straggler_run: FaultRun):
@@ -326,8 +322,9 @@ def test_straggler_run_feeds_every_dashboard_panel(straggler_run: FaultRun):
 
 def test_skew_run_signature(skew_run: FaultRun):
     _assert_clean_exit(skew_run)
-    found = _signatures(skew_run.run_dir)
-    assert "version_skew" in found, f"{found}\n{skew_run.text()[-3000:]}"
+    verdict, found = _signatures(skew_run.run_dir)
+    assert verdict == "version_skew", f"{verdict} {found}\n{skew_run.text()[-3000:]}"
+    assert "verdict: version_skew" in skew_run.text()
 
 
 def test_skew_run_alert_reaches_slack_naming_the_server_behind(skew_run: FaultRun):

@@ -428,5 +428,10 @@ def _verdict(run_dir: Path, async_level: int | None = None) -> str | None:
         value = getattr(verdict, attr, None)
         if value:
             print(f"  {attr}: {value}")
+    syncs = data.get("syncs") if isinstance(data.get("syncs"), dict) else {}
+    named = {k: v for k, v in (syncs.get("by_signature") or {}).items() if v}
+    if syncs.get("count"):
+        found = ", ".join(f"{k} in {v}" for k, v in named.items()) or "no sync signature"
+        print(f"  syncs: {syncs['count']} ({found})")
     print(f"  full report: weightwatch analyze {run_dir}   (JSON: {run_dir / 'report.json'})")
     return signature
