@@ -308,6 +308,8 @@ def run(args: argparse.Namespace) -> int:
             "--concurrency", str(args.concurrency), "--pool-size", str(args.pool_size),
             "--batch-size", str(args.batch_size), "--max-tokens", str(args.max_tokens), "--async-level", str(args.async_level),
             "--metrics-port", str(args.orchestrator_metrics_port), "--metrics-addr", host,
+            # the sync in flight at the end may finish, within the time the supervisor gives the orchestrator to stop
+            "--stop-grace", repr(max(1.0, args.stop_timeout - 3.0)),
         ]
         for addr in servers:
             orch_argv += ["--api-url", addr.api_url, "--admin-url", addr.admin_url]
