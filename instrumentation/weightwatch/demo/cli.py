@@ -33,6 +33,8 @@ from weightwatch.demo.faults import HUNG_UPDATE_BUDGET_S, HUNG_UPDATE_DELAY_MS, 
 
 DEFAULT_PORTS = {"port": 8000, "admin_port": 8001, "orchestrator_metrics_port": 9400, "trainer_metrics_port": 9401}
 SYNC_MODES = ("today", "bare")
+#: Seconds the admin lane may take to answer once the main port does (it starts with the app; minutes on a busy host).
+LANE_READY_TIMEOUT_S = 120.0
 #: vLLM flags of each server when the demo starts more than one on a small machine: a small batch keeps two engines
 #: (and their KV caches, VLLM_CPU_KVCACHE_SPACE=1 GiB each from `weightwatch serve`) within 2 cores and a laptop's memory.
 MULTI_SERVER_VLLM_ARGS = ("--max-num-seqs", "16")
@@ -279,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
             for addr, server in started:
                 try:
                     _wait_http(addr.api_url + "/health", args.startup_timeout, server.alive, f"the inference server {addr.role}")
-                    _wait_http(addr.admin_url + "/health", 30.0, server.alive, f"the admin lane of {addr.role}")
+                    _wait_http(addr.admin_url + "/health", LANE_READY_TIMEOUT_S, server.alive, f"the admin lane of {addr.role}")
                 except RuntimeError as exc:
                     raise RuntimeError(f"{exc}\n--- {layout.out(addr.role)} (end) ---\n{server.tail()}") from None
         else:
