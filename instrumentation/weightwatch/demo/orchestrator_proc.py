@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -314,6 +315,20 @@ class Orchestrator:
         return 0
 
 
+def _leave_sync_in_flight(waited: float) -> None:
+    """Exit now, leaving the sync in flight as a stopped orchestrator leaves it (sync.start without sync.done).
+
+    Cancelling instead would race the admin client's own loop thread, which ``aclose`` stops, for the shielded
+    resume; the logs would then say sometimes one thing, sometimes another. The demo stops the servers next.
+    """
+    _log.warning("stopping with a weight sync still in flight after %.0f s of --stop-grace: left unfinished", waited)
+    try:
+        telemetry.get().force_flush()
+    finally:
+        logging.shutdown()
+        os._exit(0)
+
+
 async def _amain(args: argparse.Namespace) -> int:
     layout = RunLayout.create(args.run_dir)
     orch = Orchestrator(args, layout)
@@ -330,7 +345,9 @@ async def _amain(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         while not main.done():
             waited = time.monotonic() - t0
-            if waited > args.stop_grace or (waited > 3.0 and not orch.syncing):
+            if waited > args.stop_grace and orch.syncing:
+                _leave_sync_in_flight(waited)
+            if waited > 3.0 and not orch.syncing:
                 main.cancel()
                 break
             await asyncio.wait({main}, timeout=0.1)
