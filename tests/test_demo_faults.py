@@ -6,20 +6,24 @@ Debian's Prometheus and Alertmanager, run with the repository's own prometheus.y
 and templates (only scrape/evaluation intervals, group waits, targets and the webhook file differ), and (3) feed
 every dashboard panel's query with data (tests/test_dashboards_live.py's check, on the same Prometheus).
 
-Two runs keep the time bounded (about 6 minutes on 2 idle cores), the switches grouped where their signatures do
-not touch each other:
+Three runs keep the time bounded (about 9-10 minutes on 2 idle cores), the switches grouped where their signatures
+do not touch each other:
 * ``--hung-update`` on one server: the update takes 54 s of its 60 s budget. ``hung`` and AdminCallHung (critical)
   while the call is in flight, before the budget runs out, and the call then ends.
-* ``--slow-pause 1500 --straggler 3000 --version-skew`` on two servers: every pause takes 1.5 s on both servers
-  (``pause_slow``, WeightSyncPauseSlow, no pause straggler since both are slow), server 0 loads 3 s slower
-  (``straggler`` in the transfer phase, WeightSyncStraggler), server 1's loads fail (``version_skew``,
-  WeightVersionSkew on server 1).
+* ``--slow-pause 1500 --straggler 3000`` on two servers: every pause takes 1.5 s on both servers (``pause_slow``,
+  WeightSyncPauseSlow on each, no pause straggler since both are slow), the last server loads 3 s slower
+  (``straggler`` in the transfer phase, WeightSyncStraggler on that server only).
+* ``--version-skew`` on two servers: the last server's loads fail (``version_skew``, WeightVersionSkew on it).
+  Not in the straggler run: a failed call records no phase time, so with two servers the straggler would have
+  no other server to be measured against.
+The straggler and skew runs then run every dashboard panel's query on the same Prometheus.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,8 +37,8 @@ import pytest
 import yaml
 
 from conftest import free_port, require_binary
-from test_dashboards import GEN, dashboards, metric_names, panel_queries
-from test_dashboards_live import Prometheus, check_every_query
+from test_dashboards import dashboards, panel_queries
+from test_dashboards_live import Prometheus, check_every_query, uses_vllm_rl
 from test_stack_support import DEPLOY, SlackSink
 from weightwatch.events import Event, parse_line
 from weightwatch.stack_cli import LocalStack, start_stack
@@ -60,6 +64,8 @@ class FaultRun:
     #: alert name -> when the sink first had its firing post (epoch seconds, polled every 0.5 s)
     posted_at: dict[str, float] = field(default_factory=dict)
     dashboards: dict[str, Any] = field(default_factory=dict)
+    #: the largest in-flight age / budget of any admin call Prometheus saw (the dashboard's hung panel)
+    hung_ratio: float = 0.0
     seconds: dict[str, float] = field(default_factory=dict)
 
     def text(self) -> str:
@@ -112,7 +118,8 @@ def _settings(run_dir: Path) -> dict[str, Any] | None:
     return data if "targets" in data else None
 
 
-def _fault_run(base: Path, tiny_model: Path, name: str, args: tuple[str, ...], duration: float, alerts: tuple[str, ...]) -> FaultRun:
+def _fault_run(base: Path, tiny_model: Path, name: str, args: tuple[str, ...], duration: float, alerts: tuple[str, ...],
+               dashboards_check: bool = True) -> FaultRun:
     require_binary("prometheus")
     require_binary("prometheus-alertmanager")
     run = FaultRun(name, base / "run", base / "demo.out")
@@ -151,11 +158,15 @@ def _fault_run(base: Path, tiny_model: Path, name: str, args: tuple[str, ...], d
         run.seconds["run"] = time.monotonic() - running
         run.posts = sink.snapshot()
         end = time.time()
-        run.dashboards = check_every_query(_Running(stack.prometheus_url), end - run.seconds["run"], end, skip=_vllm_transfer_engine_only)
+        prom = _Running(stack.prometheus_url)
+        if dashboards_check:
+            run.dashboards = check_every_query(prom, end - run.seconds["run"], end, skip=uses_vllm_rl)
+        run.hung_ratio = max((float(v) for s in prom.api("query_range", query=HUNG_RATIO, start=end - run.seconds["run"], end=end,
+                                                          step="1s")["result"] for _, v in s["values"]), default=0.0)
         run.seconds["total"] = time.monotonic() - t0
         # the CI budget of these runs, for whoever reads the log (-s) or the run directory
-        timings = {"seconds": run.seconds, "posted_after_orchestrator_start_s": {
-            a: round(t - settings["started"], 1) for a, t in run.posted_at.items()}}
+        timings = {"seconds": run.seconds, "posted_after_prometheus_start_s": {
+            a: round(t - (end - run.seconds["run"]), 1) for a, t in run.posted_at.items()}}
         (base / "timings.json").write_text(json.dumps(timings, indent=2))
         print(f"\n{name}: {json.dumps(timings)}")
         return run
@@ -172,53 +183,55 @@ def _fault_run(base: Path, tiny_model: Path, name: str, args: tuple[str, ...], d
         sink.close()
 
 
-def _vllm_transfer_engine_only(expr: str) -> bool:
-    """Panels on vLLM's own RL transfer metrics, which exist only where vLLM's `update_info` routes ran (the demo
-    loads weights from a directory, prime-rl's filesystem shape); their panels show a no-data text instead."""
-    return any(n.removesuffix(suffix) in GEN.VLLM_OPTIONAL_METRICS
-               for n in metric_names(expr) for suffix in ("_bucket", "_sum", "_count", ""))
-
-
 def _assert_every_panel_has_data(run: FaultRun) -> None:
     result = run.dashboards
     assert result["checked"], "no panel queries ran"
     assert not result["failures"], "panels without data:\n" + "\n".join(result["failures"])
-    # only the panels on vLLM's transfer-engine metrics were left out, and those are few
+    # only the panels on vLLM's own RL transfer metrics were left out: they exist only where vLLM's update_info
+    # routes ran (the demo loads weights from a directory, prime-rl's filesystem shape) and show a no-data text
     skipped = [e for d in dashboards().values() for w, e in panel_queries(d) if w in result["skipped"]]
-    assert all(_vllm_transfer_engine_only(e) for e in skipped) and len(skipped) <= 4, result["skipped"]
+    assert all(uses_vllm_rl(e) for e in skipped) and len(skipped) <= 4, result["skipped"]
 
 
 HUNG_ALERTS = ("AdminCallHung",)
-SKEW_ALERTS = ("WeightSyncPauseSlow", "WeightSyncStraggler", "WeightVersionSkew")
+STRAGGLER_ALERTS = ("WeightSyncPauseSlow", "WeightSyncStraggler")
+SKEW_ALERTS = ("WeightVersionSkew",)
 
 
 @pytest.fixture(scope="module")
 def hung_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> FaultRun:
     # 70 s: the first sync's update (54 s) ends inside the run, the second one starts.
-    return _fault_run(tmp_path_factory.mktemp("demo_hung"), tiny_model, "hung", ("--hung-update",), 70, HUNG_ALERTS)
+    # (one 54 s transfer is too few for the dashboards' 5-minute rates: the other runs check every panel)
+    return _fault_run(tmp_path_factory.mktemp("demo_hung"), tiny_model, "hung", ("--hung-update",), 70, HUNG_ALERTS,
+                      dashboards_check=False)
+
+
+# 95 s: the rules hold for 1 minute once 5-minute means exist (two syncs), then scrape, evaluation and group wait.
+SYNC_ALERT_RUN_S = 95
+
+
+@pytest.fixture(scope="module")
+def straggler_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> FaultRun:
+    args = ("--slow-pause", "1500", "--straggler", "3000")
+    return _fault_run(tmp_path_factory.mktemp("demo_straggler"), tiny_model, "straggler", args, SYNC_ALERT_RUN_S, STRAGGLER_ALERTS)
 
 
 @pytest.fixture(scope="module")
 def skew_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> FaultRun:
-    # 100 s: the rules hold for 1 minute once 5-minute means exist, then scrape, evaluation and group wait.
-    args = ("--slow-pause", "1500", "--straggler", "3000", "--version-skew")
-    return _fault_run(tmp_path_factory.mktemp("demo_skew"), tiny_model, "skew", args, 100, SKEW_ALERTS)
+    return _fault_run(tmp_path_factory.mktemp("demo_skew"), tiny_model, "skew", ("--version-skew",), SYNC_ALERT_RUN_S, SKEW_ALERTS)
 
 
-def _signatures(run_dir: Path) -> set[str]:
-    """Every signature the analyzer names for the run (the verdict, and the sync signatures it found)."""
+def _signatures(run_dir: Path) -> tuple[str, set[str]]:
+    """The analyzer's verdict for the run, and every signature it names (the verdict and each sync signature found)."""
     from weightwatch.analysis import analyze_paths
 
     report = analyze_paths([run_dir])
-    data = report.to_dict()
-    names = {report.verdict.signature, *data["verdict"].get("counts", {})}
-    for key in ("signatures", "sync_signatures"):
-        value = data.get(key) or data.get("syncs", {}).get(key) if isinstance(data.get("syncs"), dict) else data.get(key)
-        if isinstance(value, dict):
-            names |= {k for k, v in value.items() if v}
-        elif isinstance(value, list):
-            names |= {v if isinstance(v, str) else v.get("signature") for v in value}
-    return {n for n in names if n}
+    by_signature = report.to_dict()["syncs"]["by_signature"]
+    return report.verdict.signature, {report.verdict.signature, *(sig for sig, count in by_signature.items() if count)}
+
+
+#: What the dashboard's in-flight panel and AdminCallHung read: the age of the oldest waiting call over its budget.
+HUNG_RATIO = "max(op_server:rl_admin_call_inflight_age_seconds:budget_ratio)"
 
 
 def _assert_clean_exit(run: FaultRun) -> None:
@@ -230,8 +243,12 @@ def _assert_clean_exit(run: FaultRun) -> None:
 
 
 def test_hung_update_is_named_by_the_analyzer(hung_run: FaultRun):
+    # The first sync's update answers after 54 s; the second is still in flight when the demo stops (past its
+    # --stop-grace the orchestrator leaves it unfinished, as a stopped orchestrator would): a hung sync.
     _assert_clean_exit(hung_run)
-    assert "hung" in _signatures(hung_run.run_dir), hung_run.text()[-3000:]
+    verdict, found = _signatures(hung_run.run_dir)
+    assert verdict == "hung", f"{verdict} {found}\n{hung_run.text()[-3000:]}"
+    assert "verdict: hung" in hung_run.text()
 
 
 def test_hung_update_alert_reaches_slack_while_the_call_is_in_flight(hung_run: FaultRun):
@@ -255,36 +272,73 @@ def test_hung_update_shows_in_the_live_view(hung_run: FaultRun):
     assert "in flight: update_weights on" in hung_run.text() and "past half: hung" in hung_run.text()
 
 
-def test_hung_run_feeds_every_dashboard_panel(hung_run: FaultRun):
-    _assert_every_panel_has_data(hung_run)
+def test_hung_update_shows_on_the_dashboards_in_flight_age_panel(hung_run: FaultRun):
+    # the panel "In-flight admin call age against its budget" reads this ratio; past 0.5 is its red line
+    assert 0.5 < hung_run.hung_ratio < 1.0, hung_run.hung_ratio
 
 
-# --------------------------------------------------------------------------- --slow-pause --straggler --version-skew
+# --------------------------------------------------------------------------- --slow-pause --straggler
 
 
-def test_skew_run_signatures(skew_run: FaultRun):
-    _assert_clean_exit(skew_run)
-    found = _signatures(skew_run.run_dir)
-    assert {"pause_slow", "straggler", "version_skew"} <= found, f"{found}\n{skew_run.text()[-3000:]}"
+def _servers(run: FaultRun) -> list[str]:
+    """The runs' servers by the orchestrator's `server` label, in start order."""
+    return [run.settings["server_labels"][t] for t in run.settings["targets"]["inference"]]
 
 
-def test_skew_run_alerts_reach_slack_naming_server_and_phase(skew_run: FaultRun):
-    settings = skew_run.settings
-    s0, s1 = (settings["server_labels"][t] for t in settings["targets"]["inference"])
-    missing = [a for a in SKEW_ALERTS if not skew_run.firing(a)]
-    assert not missing, f"not posted: {missing}; Slack got {[a.get('title') for p in skew_run.posts for a in p['body'].get('attachments', [])]}"
-    pause = "\n".join(a["text"] for a in skew_run.firing("WeightSyncPauseSlow"))
+def _posted(run: FaultRun, alerts: tuple[str, ...]) -> None:
+    missing = [a for a in alerts if not run.firing(a)]
+    titles = [a.get("title") for p in run.posts for a in p["body"].get("attachments", [])]
+    assert not missing, f"{run.name}: not posted: {missing}; Slack got {titles}\n{run.text()[-2000:]}"
+
+
+def test_straggler_run_signatures(straggler_run: FaultRun):
+    _assert_clean_exit(straggler_run)
+    verdict, found = _signatures(straggler_run.run_dir)
+    # both in every sync: the verdict is one of them, and the analyzer names the other too
+    assert verdict in ("pause_slow", "straggler") and {"pause_slow", "straggler"} <= found, f"{verdict} {found}\n{straggler_run.text()[-3000:]}"
+
+
+def test_straggler_run_alerts_reach_slack_naming_server_and_phase(straggler_run: FaultRun):
+    _posted(straggler_run, STRAGGLER_ALERTS)
+    s0, s1 = _servers(straggler_run)
+    pause = "\n".join(a["text"] for a in straggler_run.firing("WeightSyncPauseSlow"))
     assert "phase=pause" in pause and f"server={s0}" in pause and f"server={s1}" in pause, pause
-    straggler = "\n".join(a["text"] for a in skew_run.firing("WeightSyncStraggler"))
-    assert "phase=transfer" in straggler and f"server={s0}" in straggler and f"server={s1}" not in straggler, straggler
+    assert "docs/stack.md#weightsyncpauseslow" in pause
+    straggler = "\n".join(a["text"] for a in straggler_run.firing("WeightSyncStraggler"))
+    assert "phase=transfer" in straggler and f"server={s1}" in straggler and f"server={s0}" not in straggler, straggler
+    assert "phase=pause" not in straggler  # both pauses are slow: neither straggles
+
+
+def test_straggler_run_live_view_names_the_slowest_server(straggler_run: FaultRun):
+    s1 = _servers(straggler_run)[1]
+    text = straggler_run.text()
+    assert re.search(rf"transfer +\d+ ms \({re.escape(s1)}\)", text), text[-2000:]
+
+
+def test_straggler_run_feeds_every_dashboard_panel(straggler_run: FaultRun):
+    _assert_every_panel_has_data(straggler_run)
+
+
+# --------------------------------------------------------------------------- --version-skew
+
+
+def test_skew_run_signature(skew_run: FaultRun):
+    _assert_clean_exit(skew_run)
+    verdict, found = _signatures(skew_run.run_dir)
+    assert verdict == "version_skew", f"{verdict} {found}\n{skew_run.text()[-3000:]}"
+    assert "verdict: version_skew" in skew_run.text()
+
+
+def test_skew_run_alert_reaches_slack_naming_the_server_behind(skew_run: FaultRun):
+    _posted(skew_run, SKEW_ALERTS)
+    s0, s1 = _servers(skew_run)
     skew = "\n".join(a["text"] for a in skew_run.firing("WeightVersionSkew"))
     assert f"server={s1}" in skew and f"server={s0}" not in skew and "docs/stack.md#weightversionskew" in skew, skew
 
 
-def test_skew_run_live_view_shows_phases_and_versions(skew_run: FaultRun):
-    text = skew_run.text()
-    assert "sync to ckpt" in text and "pause" in text and "transfer" in text and "resume" in text
-    assert "FAILED update_weights" in text
+def test_skew_run_live_view_shows_the_failed_loads_and_versions(skew_run: FaultRun):
+    s1 = _servers(skew_run)[1]
+    assert f"FAILED update_weights {s1}" in skew_run.text()
 
 
 def test_skew_run_feeds_every_dashboard_panel(skew_run: FaultRun):

@@ -1,11 +1,13 @@
 """`weightwatch demo` end to end on real vLLM (CPU): three processes, the contract, the verdicts, Ctrl-C.
 
 Two kinds of runs keep the time bounded:
-* one full run that starts its own server (``--slow-reload``), checked while it runs (events, every
-  metric on each process's /metrics, weights changing on the server) and then interrupted with SIGINT
-  (verdict engine_reload_slow, no process left, files kept);
+* one full run that starts its own server (``--slow-reload``, the sync of today), checked while it runs
+  (events, every metric on each process's /metrics, weights changing on the server) and then interrupted
+  with SIGINT (verdict engine_reload_slow, no process left, files kept);
 * short runs against the session's shared server (``--server-url``): lane -> healthy,
-  ``--admin shared`` -> front_end_queue, ``--slow-writes`` -> checkpoint_io_slow.
+  ``--admin shared`` (the bare update: a pause through the shared pool would deadlock) -> front_end_queue,
+  ``--slow-writes`` -> checkpoint_io_slow.
+The sync fault switches are in tests/test_demo_faults.py.
 """
 
 from __future__ import annotations
@@ -161,7 +163,8 @@ def test_full_run_writes_every_event_type(full_run: FullRun):
         assert spans, f"{role} wrote no spans"
     names = {json.loads(s)["name"] for role in ("orchestrator", "trainer", "inference")
              for s in (full_run.run_dir / f"{role}.spans.jsonl").read_text().splitlines()}
-    assert {"weights.update", "weights.update.server", "engine.rpc", "ckpt.write", "ckpt.wait", "gen.batch"} <= names
+    # the sync of today by default: one weights.sync per step, a span per phase, a client span per server and call
+    assert {"weights.sync", "weights.sync.phase", "weights.update.server", "engine.rpc", "ckpt.write", "ckpt.wait", "gen.batch"} <= names
 
 
 def test_full_run_serves_every_metric_on_each_process(full_run: FullRun):
@@ -264,8 +267,15 @@ def test_verdict_against_shared_server(vllm_server, tiny_model, name, args, expe
     load_before = os.getloadavg()[0]
     run_dir, output = _run_against(vllm_server, tiny_model, name, *args)
     report = analyze_paths([run_dir])
-    done = [e for e in _events(run_dir / "orchestrator.log") if e.key == "weights.client.done"]
+    events = _events(run_dir / "orchestrator.log")
+    done = [e for e in events if e.key == "weights.client.done" and e.get("op") == "update_weights"]
     assert len(done) >= 3 and all(e.get("ok") == "1" for e in done)
+    ops = {e.get("op") for e in events if e.key == "weights.client.done"}
+    syncs = [e for e in events if e.key == "weights.sync.done"]
+    if name == "shared":  # the bare update of the seed: no pause, no resume
+        assert ops == {"update_weights"} and not syncs
+    else:  # the sync of today by default, every call of it answered
+        assert ops == {"pause", "update_weights", "resume"} and len(syncs) >= 3 and all(e["ok"] == 1 for e in syncs)
     if expected == "healthy" and report.verdict.signature != "healthy":
         waits = [e for e in _events(run_dir / "orchestrator.log") if e.key == "ckpt.wait.done"]
         _xfail_if_only_a_cpu_tail(done, waits, load_before)

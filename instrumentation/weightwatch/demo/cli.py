@@ -33,6 +33,8 @@ from weightwatch.demo.faults import HUNG_UPDATE_BUDGET_S, HUNG_UPDATE_DELAY_MS, 
 
 DEFAULT_PORTS = {"port": 8000, "admin_port": 8001, "orchestrator_metrics_port": 9400, "trainer_metrics_port": 9401}
 SYNC_MODES = ("today", "bare")
+#: Seconds the admin lane may take to answer once the main port does (it starts with the app; minutes on a busy host).
+LANE_READY_TIMEOUT_S = 120.0
 #: vLLM flags of each server when the demo starts more than one on a small machine: a small batch keeps two engines
 #: (and their KV caches, VLLM_CPU_KVCACHE_SPACE=1 GiB each from `weightwatch serve`) within 2 cores and a laptop's memory.
 MULTI_SERVER_VLLM_ARGS = ("--max-num-seqs", "16")
@@ -279,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
             for addr, server in started:
                 try:
                     _wait_http(addr.api_url + "/health", args.startup_timeout, server.alive, f"the inference server {addr.role}")
-                    _wait_http(addr.admin_url + "/health", 30.0, server.alive, f"the admin lane of {addr.role}")
+                    _wait_http(addr.admin_url + "/health", LANE_READY_TIMEOUT_S, server.alive, f"the admin lane of {addr.role}")
                 except RuntimeError as exc:
                     raise RuntimeError(f"{exc}\n--- {layout.out(addr.role)} (end) ---\n{server.tail()}") from None
         else:
@@ -308,6 +310,8 @@ def run(args: argparse.Namespace) -> int:
             "--concurrency", str(args.concurrency), "--pool-size", str(args.pool_size),
             "--batch-size", str(args.batch_size), "--max-tokens", str(args.max_tokens), "--async-level", str(args.async_level),
             "--metrics-port", str(args.orchestrator_metrics_port), "--metrics-addr", host,
+            # the sync in flight at the end may finish, within the time the supervisor gives the orchestrator to stop
+            "--stop-grace", repr(max(1.0, args.stop_timeout - 3.0)),
         ]
         for addr in servers:
             orch_argv += ["--api-url", addr.api_url, "--admin-url", addr.admin_url]
@@ -428,5 +432,10 @@ def _verdict(run_dir: Path, async_level: int | None = None) -> str | None:
         value = getattr(verdict, attr, None)
         if value:
             print(f"  {attr}: {value}")
+    syncs = data.get("syncs") if isinstance(data.get("syncs"), dict) else {}
+    named = {k: v for k, v in (syncs.get("by_signature") or {}).items() if v}
+    if syncs.get("count"):
+        found = ", ".join(f"{k} in {v}" for k, v in named.items()) or "no sync signature"
+        print(f"  syncs: {syncs['count']} ({found})")
     print(f"  full report: weightwatch analyze {run_dir}   (JSON: {run_dir / 'report.json'})")
     return signature

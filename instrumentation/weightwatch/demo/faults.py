@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from weightwatch.catalogue import HUNG_BUDGET_FRACTION
 from weightwatch.contracts import PRIME_RL_BUDGETS_S
 
-#: The server's fault-injection variables (read by the inference plugin; ``weightwatch serve --inject-*`` sets the same).
-ENV_INJECT_DELAY_MS = "WEIGHTWATCH_INJECT_DELAY_MS"
-ENV_INJECT_FAIL = "WEIGHTWATCH_INJECT_FAIL"
-ENV_INJECT_RPC_DELAY_MS = "WEIGHTWATCH_INJECT_RPC_DELAY_MS"
+# The server's fault-injection variables (read by the inference plugin; ``weightwatch serve --inject-*`` sets the same).
+from weightwatch.inference.config import ENV_INJECT_DELAY_MS, ENV_INJECT_FAIL, ENV_INJECT_RPC_DELAY_MS
 
 #: --hung-update without its own budget: a 60 s transfer budget and a load of 90 % of it (54 s), so the call is in
 #: flight past half its budget (30 s) for 24 s and then ends. AdminCallHung waits 15 s (``for: 15s``) once a call

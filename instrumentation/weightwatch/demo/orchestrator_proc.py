@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=9400)
     p.add_argument("--metrics-addr", default="127.0.0.1")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: until stopped)")
+    p.add_argument("--stop-grace", type=float, default=15.0,
+                   help="seconds a stop waits for the sync in flight to end before cancelling it")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -132,6 +135,7 @@ class Orchestrator:
         self.args = args
         self.layout = layout
         self.stop = asyncio.Event()
+        self.syncing = False  # a sync (or bare update) is in flight: a stop waits for it (--stop-grace)
         self.api_urls = [u.rstrip("/") for u in args.api_url]
         # The weight version each server serves (its own weights are checkpoint 0); completions carry their server's.
         self.versions = [0 for _ in self.api_urls]
@@ -239,9 +243,16 @@ class Orchestrator:
         target = max(0, step - self.args.async_level)
         await wait_for_checkpoint(self.layout.weights, target, timeout=self.args.ckpt_timeout, poll_interval=0.05)
         newest = latest_stable(self.layout.weights)
-        if newest is None:
+        if newest is None or self.stop.is_set():
             return
         ckpt_step, path = newest
+        self.syncing = True
+        try:
+            await self._load(ckpt_step, path)
+        finally:
+            self.syncing = False
+
+    async def _load(self, ckpt_step: int, path: Path) -> None:
         if self.args.sync == "today":
             sync = await self.admin.sync_weights(path, ckpt_step, mode=self.args.pause_mode, clear_cache=False, timeouts=self.timeouts)
             transfers = list(sync.phases.get("transfer", []))
@@ -304,6 +315,20 @@ class Orchestrator:
         return 0
 
 
+def _leave_sync_in_flight(waited: float) -> None:
+    """Exit now, leaving the sync in flight as a stopped orchestrator leaves it (sync.start without sync.done).
+
+    Cancelling instead would race the admin client's own loop thread, which ``aclose`` stops, for the shielded
+    resume; the logs would then say sometimes one thing, sometimes another. The demo stops the servers next.
+    """
+    _log.warning("stopping with a weight sync still in flight after %.0f s of --stop-grace: left unfinished", waited)
+    try:
+        telemetry.get().force_flush()
+    finally:
+        logging.shutdown()
+        os._exit(0)
+
+
 async def _amain(args: argparse.Namespace) -> int:
     layout = RunLayout.create(args.run_dir)
     orch = Orchestrator(args, layout)
@@ -314,12 +339,19 @@ async def _amain(args: argparse.Namespace) -> int:
     stopper = asyncio.ensure_future(orch.stop.wait())
     await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if not main.done():
-        # give the step in progress a moment to end cleanly (an update in flight), then cancel
-        try:
-            await asyncio.wait_for(asyncio.shield(main), timeout=3.0)
-        except (TimeoutError, asyncio.CancelledError):
-            main.cancel()
-            await asyncio.gather(main, return_exceptions=True)
+        # Give the step in progress a moment to end cleanly, and a sync in flight up to --stop-grace: a sync cut
+        # short by the demo's own stop would read as a hung sync (no sync.done) and a version skew (one server
+        # took the weights, the other was cancelled), neither of which the run had.
+        t0 = time.monotonic()
+        while not main.done():
+            waited = time.monotonic() - t0
+            if waited > args.stop_grace and orch.syncing:
+                _leave_sync_in_flight(waited)
+            if waited > 3.0 and not orch.syncing:
+                main.cancel()
+                break
+            await asyncio.wait({main}, timeout=0.1)
+        await asyncio.gather(main, return_exceptions=True)
     stopper.cancel()
     if main.done() and not main.cancelled() and main.exception() is not None:
         raise main.exception()  # type: ignore[misc]
