@@ -137,3 +137,16 @@ def test_the_harness_sees_console_errors(chromium: Chromium, tmp_path: Path) -> 
                     "<p id='verdict'>x</p><script>console.error('boom'); undefinedFunction();</script></body></html>")
     got = _load(chromium, page)
     assert len(got["errors"]) >= 2
+
+
+def test_sync_page_shows_the_phases_as_a_stacked_timeline(chromium: Chromium, tmp_path: Path) -> None:
+    page = tmp_path / "sync.html"
+    assert main(["analyze", str(FIX / "sync_straggler"), "--html", str(page)]) == 0
+    got = _load(chromium, page)
+    assert got["errors"] == []
+    by_id = {p["id"]: p for p in got["plots"]}
+    assert set(by_id) == PLOTS | {"plot-sync-timeline"}
+    assert by_id["plot-sync-timeline"]["marks"] == 6 * 3 + 6  # pause, transfer, resume per sync + a flag per straggler sync
+    assert got["verdict"].startswith("straggler")
+    html = page.read_text()
+    assert "held up by 10.0.0.2:8000 (transfer)" in html and "Weight syncs by phase" in html

@@ -130,3 +130,13 @@ def test_emit_logs_on_the_role_logger_and_never_raises(caplog: pytest.LogCapture
     assert any(r.name == "weightwatch.trainer" and r.getMessage() == line for r in caplog.records)
     assert events.emit("ckpt.write.done", step=3) is None  # missing field: dropped with a warning
     assert any("dropped event" in r.getMessage() for r in caplog.records)
+
+
+def test_the_grammar_and_the_analyzer_import_without_the_opentelemetry_sdk() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, weightwatch.events, weightwatch.analysis, weightwatch.analysis.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

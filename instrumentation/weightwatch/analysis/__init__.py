@@ -1,4 +1,4 @@
-"""Offline analysis of a run: read logs and span files, join each weight update, name the bottleneck.
+"""Offline analysis of a run: read logs and span files, join each admin call, split each sync, name the bottleneck.
 
     from weightwatch.analysis import analyze_paths
     report = analyze_paths(["runs/demo"])
@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import gc
+import os
 from collections.abc import Sequence
 
 from weightwatch.analysis.join import Update
@@ -18,7 +18,7 @@ __all__ = ["SCHEMA_VERSION", "InputError", "Report", "Update", "Verdict", "analy
 
 
 def analyze_paths(
-    paths: Sequence[str],
+    paths: Sequence[str | os.PathLike[str]],
     *,
     slowest: int = 10,
     model_size: str | None = None,
@@ -27,11 +27,5 @@ def analyze_paths(
 ) -> Report:
     """Analyze files, directories, ``-`` (stdin) or ``.gz`` files. Raises InputError for unreadable inputs."""
     inputs = expand([str(p) for p in paths])
-    enabled = gc.isenabled()
-    gc.disable()  # millions of small tuples and objects, none cyclic: the collector would only rescan them
-    try:
-        parts = read_inputs(inputs, jobs=jobs)
-        return build_report(parts, slowest=slowest, model_size=model_size, async_level=async_level)
-    finally:
-        if enabled:
-            gc.enable()
+    sources = read_inputs(inputs, jobs=jobs)
+    return build_report(sources, slowest=slowest, model_size=model_size, async_level=async_level)

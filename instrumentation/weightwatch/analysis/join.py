@@ -1,658 +1,264 @@
-"""Join the halves of each weight update by trace id: the orchestrator's client.send/client.done and
-the server's server.recv/rpc.start/rpc.done (or the same from span files).
+"""Join the halves of each admin call by trace id: the orchestrator's client.send/client.done and the
+server's server.recv/rpc.start/rpc.done (or the same from span files), column-wise in polars.
 
-One trace id covers one update of all servers (one child span per server), so a client half is keyed
-by (trace id, server); server halves are told apart by the log (process) they come from and matched
-to client halves by the server's reported rpc_ms, then by order. Halves that find no partner stay, with
-what is missing named.
-
-The common case (one send and one done per trace id in one orchestrator log, nothing else) is joined
-column-wise with dicts and C-level maps; everything else goes through ``Update`` objects. Both end as
-row tuples (``ROW_FIELDS``), the representation the report works on.
+One trace id covers one update (or one whole sync) of all servers, so a client half is keyed by
+(source, trace id, server, op); a ``client.done`` that does not name its server or op (seed-era logs) takes
+the next open call of its trace id. Server halves are told apart by the log (process) they come from and
+the op, and matched to client halves by the server's reported rpc_ms, then by order. Halves that find no
+partner stay, with what is missing named: a call sent and never answered is a row with its trace id and server.
 """
 
 from __future__ import annotations
 
-import operator
-from bisect import bisect_left
-from collections import Counter
 from collections.abc import Sequence
-from itertools import islice
 from typing import Any
 
-from weightwatch.analysis.collect import BLOCK_SEQ, Bulk, Partial
-from weightwatch.analysis.rules import (
-    ENGINE_RELOAD_SLOW,
-    FRONT_END_QUEUE,
-    HEALTHY,
-    QUEUE_THRESHOLD_MS,
-    RPC_SLOW_MS,
-    SIGNATURES,
-    Diagnosis,
-    diagnose,
-    signature_of,
-)
+import polars as pl
+
+from weightwatch.analysis import rules
+from weightwatch.analysis.collect import Source, ops_of_paths, servers_of
+from weightwatch.analysis.rules import Diagnosis, diagnose
 
 CLIENT_EVENTS = ("client.send", "client.done")
 SERVER_EVENTS = ("server.recv", "rpc.start", "rpc.done")
-
-ROW_FIELDS = (
-    "tid", "server", "op", "step", "t", "attempts", "wall_ms", "queue_ms", "rpc_ms", "server_rpc_ms", "server_ms",
-    "pool_wait_ms", "recv_delay_ms", "recv_t", "rpc_start_t", "missing", "client_source", "server_source",
-    "client_seq", "ckpt_wait_ms", "ckpt_step", "signature",
-)
-
-
-class Update:
-    """One weight update of one server, joined from whatever halves were found."""
-
-    __slots__ = (*ROW_FIELDS, "around")
-
-    def __init__(self, tid: str) -> None:
-        self.tid = tid
-        self.server: str | None = None
-        self.op: str | None = None
-        self.step: int | None = None
-        self.t: float | None = None
-        self.attempts = 0
-        self.wall_ms: float | None = None
-        self.queue_ms: float | None = None
-        self.rpc_ms: float | None = None
-        self.server_rpc_ms: float | None = None
-        self.server_ms: float | None = None
-        self.pool_wait_ms: float | None = None
-        self.recv_delay_ms: float | None = None
-        self.recv_t: float | None = None
-        self.rpc_start_t: float | None = None
-        self.missing: tuple[str, ...] = ()
-        self.client_source: str | None = None
-        self.server_source: str | None = None
-        self.client_seq: int | None = None
-        self.ckpt_wait_ms: float | None = None
-        self.ckpt_step: int | None = None
-        self.signature = HEALTHY
-        self.around: list[dict[str, Any]] | None = None
-
-    @classmethod
-    def from_row(cls, row: tuple) -> Update:
-        u = cls.__new__(cls)
-        for name, value in zip(ROW_FIELDS, row, strict=False):
-            setattr(u, name, value)
-        u.around = None
-        return u
-
-    def to_row(self) -> tuple:
-        return tuple(getattr(self, name) for name in ROW_FIELDS)
-
-    @property
-    def start(self) -> float | None:
-        """Best-known start time (epoch seconds): client.send, else server.recv."""
-        return self.t if self.t is not None else self.recv_t
-
-    def diagnosis(self) -> Diagnosis:
-        """The full diagnosis with the rule that fired (built on demand: millions of updates need only the id)."""
-        return diagnose(self.queue_ms, self.rpc_ms, self.ckpt_wait_ms)
-
-    def to_dict(self) -> dict[str, Any]:
-        diag = self.diagnosis()
-        d: dict[str, Any] = {
-            "trace_id": self.tid, "server": self.server, "op": self.op, "step": self.step, "t": self.start,
-            "wall_ms": self.wall_ms, "queue_ms": self.queue_ms, "rpc_ms": self.rpc_ms, "server_ms": self.server_ms,
-            "server_rpc_ms": self.server_rpc_ms, "pool_wait_ms": self.pool_wait_ms,
-            "recv_delay_ms": self.recv_delay_ms, "recv_delay_clock_skew_sensitive": self.recv_delay_ms is not None,
-            "ckpt_wait_ms": self.ckpt_wait_ms, "ckpt_step": self.ckpt_step, "attempts": self.attempts,
-            "missing": list(self.missing), "signature": self.signature, "rule": diag.rule, "also": list(diag.also),
-            "client_source": self.client_source, "server_source": self.server_source,
-        }
-        if self.around is not None:
-            d["generation_around"] = self.around
-        return d
+#: The columns of the updates frame (one row per admin call of one server).
+UPDATE_SCHEMA: dict[str, Any] = {
+    "tid": pl.String, "server": pl.String, "op": pl.String, "step": pl.Int64, "t": pl.Float64, "attempts": pl.Int64,
+    "wall_ms": pl.Float64, "queue_ms": pl.Float64, "rpc_ms": pl.Float64, "server_rpc_ms": pl.Float64, "server_ms": pl.Float64,
+    "pool_wait_ms": pl.Float64, "recv_delay_ms": pl.Float64, "recv_t": pl.Float64, "rpc_start_t": pl.Float64, "missing": pl.String,
+    "client_source": pl.String, "server_source": pl.String, "client_seq": pl.Int64, "ckpt_wait_ms": pl.Float64, "ckpt_step": pl.Int64,
+    "status": pl.Int64, "ok": pl.Int64, "budget_s": pl.Float64, "reason": pl.String,
+}
+_SEND_COLS = ["source", "seq", "tid", "server", "op", "t", "step", "budget_s"]
+_DONE_COLS = ["source", "seq", "tid", "server", "op", "wall_ms", "rpc_ms", "queue_ms", "server_ms", "pool_wait_ms", "status", "ok",
+              "attempts", "step"]
 
 
-# --------------------------------------------------------------------------- client halves
+def _client(src: Source, key: str, cols: list[str]) -> pl.DataFrame:
+    f = src.of(key)
+    server = pl.coalesce(pl.col("server"), servers_of(f["url"]).alias("u")) if f.height else pl.col("server")
+    return f.with_columns(server.alias("server"), pl.lit(src.source).alias("source")).select(cols)
 
 
-def _send_rows(p: Partial, idx: Sequence[int]) -> list[tuple]:
-    s = p.send
-    return [(s["seq"][i], s["tid"][i], s["server"][i], s["op"][i], s["t"][i], s["step"][i]) for i in idx]
+def _ranked(df: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """``_r``: the row's rank among the rows of its key, in line order (0 for all when the keys are unique)."""
+    if not df.select(pl.struct(keys).is_duplicated().any()).item():
+        return df.with_columns(pl.lit(0, dtype=pl.Int64).alias("_r"))
+    return df.sort("seq").with_columns(pl.int_range(pl.len()).over(keys).cast(pl.Int64).alias("_r"))
 
 
-def _done_rows(p: Partial, idx: Sequence[int]) -> list[tuple]:
-    d = p.done
-    return [(d["seq"][i], d["tid"][i], d["wall_ms"][i], d["rpc_ms"][i], d["queue_ms"][i], d["server"][i], d["server_ms"][i],
-             d["pool_wait_ms"][i]) for i in idx]
+def client_calls(sources: Sequence[Source]) -> pl.DataFrame:
+    """Every admin call seen by a client (log halves first; span files only for trace ids the logs lack)."""
+    logs = [s for s in sources if s.origin == "log"]
+    spans = [s for s in sources if s.origin == "spans"]
+    sends = [_client(s, "weights.client.send", _SEND_COLS) for s in logs]
+    dones = [_client(s, "weights.client.done", _DONE_COLS) for s in logs]
+    if spans:
+        seen = pl.concat([pl.concat(sends)["tid"], pl.concat(dones)["tid"]]).unique() if logs else pl.Series([], dtype=pl.String)
+        sends += [_client(s, "weights.client.send", _SEND_COLS).filter(~pl.col("tid").is_in(seen.implode())) for s in spans]
+        dones += [_client(s, "weights.client.done", _DONE_COLS).filter(~pl.col("tid").is_in(seen.implode())) for s in spans]
+    send = pl.concat(sends) if sends else pl.DataFrame(schema={c: UPDATE_SCHEMA.get(c, pl.Int64) for c in _SEND_COLS})
+    done = pl.concat(dones) if dones else pl.DataFrame(schema={c: UPDATE_SCHEMA.get(c, pl.Int64) for c in _DONE_COLS})
+    # one call per (source, tid, server, op); more sends of it are retries
+    calls = (send.sort("seq").group_by("source", "tid", "server", "op", maintain_order=True)
+             .agg(pl.col("seq").first(), pl.col("t").first(), pl.col("step").drop_nulls().first(), pl.len().alias("sends"),
+                  pl.col("budget_s").drop_nulls().first())
+             .with_row_index("sid"))
+    done = done.with_row_index("did")
+    pairs = []
+    left = calls
+    for keys in (["server", "op"], ["server"], ["op"], []):
+        known = [pl.col(k).is_not_null() for k in keys] + [pl.col(k).is_null() for k in ("server", "op") if k not in keys]
+        cls = done.filter(pl.all_horizontal(known)) if known else done
+        if not cls.height or not left.height:
+            continue
+        full = ["source", "tid", *keys]
+        j = _ranked(cls, full).join(_ranked(left, full).select(*full, "_r", "sid"), on=[*full, "_r"], how="inner")
+        pairs.append(j.select("did", "sid"))
+        left = left.filter(~pl.col("sid").is_in(j["sid"].implode()))
+    pair = pl.concat(pairs) if pairs else pl.DataFrame(schema={"did": pl.UInt32, "sid": pl.UInt32})
+    both = (pair.join(calls, on="sid").join(done.drop("source", "tid", "server", "op"), on="did", suffix="_done")
+            .with_columns(pl.coalesce("step", "step_done").alias("step"), pl.coalesce("attempts", "sends").cast(pl.Int64).alias("attempts"),
+                          pl.lit("").alias("missing"), pl.col("seq").alias("client_seq")))
+    open_ = left.with_columns(pl.col("sends").cast(pl.Int64).alias("attempts"), pl.lit("client.done").alias("missing"),
+                              pl.col("seq").alias("client_seq"))
+    orphan = (done.filter(~pl.col("did").is_in(pair["did"].implode()))
+              .with_columns(pl.lit("client.send").alias("missing"), pl.col("seq").alias("client_seq"), pl.lit(0, dtype=pl.Int64).alias("attempts")))
+    out = pl.concat([_conform(both.rename({"source": "client_source"})), _conform(open_.rename({"source": "client_source"})),
+                     _conform(orphan.rename({"source": "client_source"}))])
+    fill = pl.when(pl.col("queue_ms").is_null() & pl.col("wall_ms").is_not_null() & pl.col("server_ms").is_not_null())
+    return out.with_columns(fill.then((pl.col("wall_ms") - pl.col("server_ms")).clip(0.0)).otherwise(pl.col("queue_ms")).alias("queue_ms"))
 
 
-def _client_objects(source: str, sends: list[tuple], dones: list[tuple]) -> dict[str, list[Update]]:
-    """Per trace id, one Update per (tid, server) of one client source."""
-    by_tid: dict[str, list[Update]] = {}
-    for seq, tid, srv, op, t, step in sends:
-        ups = by_tid.get(tid)
-        if ups is None:
-            ups = by_tid[tid] = []
-        else:
-            u = next((x for x in ups if x.server == srv), None)
-            if u is not None:
-                u.attempts += 1  # a retry to the same server
+def _conform(f: pl.DataFrame) -> pl.DataFrame:
+    return f.select([pl.col(c).cast(t) if c in f.columns else pl.lit(None, dtype=t).alias(c) for c, t in UPDATE_SCHEMA.items()])
+
+
+# --------------------------------------------------------------------------- server halves
+
+
+def server_halves(sources: Sequence[Source]) -> list[dict[str, Any]]:
+    """One half per (server log, trace id, op): when the request arrived, the engine call, its rpc_ms."""
+    logs = [s for s in sources if s.origin == "log"]
+    spans = [s for s in sources if s.origin == "spans"]
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for group in (logs, spans):
+        mine: list[dict[str, Any]] = []
+        for src in group:
+            f = pl.concat([src.of(k) for k in ("weights.server.recv", "weights.rpc.start", "weights.rpc.done")])
+            if not f.height:
                 continue
-        u = Update(tid)
-        u.server, u.op, u.t, u.step, u.attempts = srv, op, t, step, 1
-        u.client_source, u.client_seq = source, seq
-        ups.append(u)
-    for seq, tid, wall, rpc, queue, srv, sms, pool in dones:
-        ups = by_tid.get(tid)
-        u = None
-        if ups:
-            open_ = [x for x in ups if x.wall_ms is None]
-            if srv is not None:
-                u = next((x for x in open_ if x.server == srv), None)
-            elif open_:
-                u = open_[0]
-        else:
-            ups = by_tid[tid] = []
-        if u is None:
-            u = Update(tid)
-            u.server, u.client_source, u.client_seq = srv, source, seq
-            u.missing = ("client.send",)
-            ups.append(u)
-        u.wall_ms, u.rpc_ms, u.queue_ms, u.pool_wait_ms = wall, rpc, queue, pool
-        if sms is not None:
-            u.server_ms = sms
-        if queue is None and wall is not None and sms is not None:
-            u.queue_ms = max(0.0, wall - sms)
-    for ups in by_tid.values():
-        for u in ups:
-            if u.wall_ms is None and "client.send" not in u.missing:
-                u.missing = u.missing + ("client.done",)
-    return by_tid
-
-
-class _ServerHalf:
-    __slots__ = ("source", "path", "recv_t", "op", "start_t", "done_t", "rpc_ms", "server_ms")
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.path: str | None = None
-        self.op: str | None = None
-        self.recv_t: float | None = None
-        self.start_t: float | None = None
-        self.done_t: float | None = None
-        self.rpc_ms: float | None = None
-        self.server_ms: float | None = None
-
-
-def _server_halves(parts: Sequence[Partial], skip: set[str] | None) -> dict[str, list[_ServerHalf]]:
-    out: dict[str, list[_ServerHalf]] = {}
-    for p in parts:
-        mine: dict[str, _ServerHalf] = {}
-
-        def half(tid: str, p: Partial = p, mine: dict[str, _ServerHalf] = mine) -> _ServerHalf | None:
-            if skip is not None and tid in skip:
-                return None
-            h = mine.get(tid)
-            if h is None:
-                h = mine[tid] = _ServerHalf(p.source)
-            return h
-
-        for _seq, tid, path, t in p.recvs:
-            if (h := half(tid)) is not None and h.recv_t is None:
-                h.path, h.recv_t = path, t
-        for _seq, tid, op, t in p.rpc_starts:
-            if (h := half(tid)) is not None and h.start_t is None:
-                h.op, h.start_t = op, t
-        for _seq, tid, op, t, rpc in p.rpc_dones:
-            if (h := half(tid)) is not None:
-                h.op, h.done_t, h.rpc_ms = op, t, rpc
-        for tid, sms in p.server_ms.items():
-            if (h := half(tid)) is not None:
-                h.server_ms = sms
-        for tid, h in mine.items():
-            out.setdefault(tid, []).append(h)
+            f = f.with_columns(pl.coalesce(pl.col("op"), ops_of_paths(f["path"]).alias("p")).alias("op"))
+            if group is spans:
+                f = f.filter(~pl.col("tid").is_in(list(seen)))
+            g = (f.sort("seq").group_by("tid", "op", maintain_order=True).agg(
+                pl.col("t").filter(pl.col("key") == "weights.server.recv").first().alias("recv_t"),
+                pl.col("t").filter(pl.col("key") == "weights.rpc.start").first().alias("start_t"),
+                pl.col("t").filter(pl.col("key") == "weights.rpc.done").last().alias("done_t"),
+                pl.col("rpc_ms").filter(pl.col("key") == "weights.rpc.done").last().alias("rpc_ms"),
+                pl.col("server_ms").drop_nulls().last().alias("server_ms")))
+            mine.extend(dict(r, source=src.source) for r in g.iter_rows(named=True))
+        seen.update(h["tid"] for h in mine)
+        out.extend(mine)
     return out
 
 
-def _attach(u: Update, h: _ServerHalf | None) -> None:
+def _attach(u: dict[str, Any], h: dict[str, Any] | None) -> None:
     if h is None:
-        u.missing = u.missing + SERVER_EVENTS
-        return
-    u.server_source = h.source
-    u.recv_t, u.rpc_start_t, u.server_rpc_ms = h.recv_t, h.start_t, h.rpc_ms
-    if h.server_ms is not None and u.server_ms is None:
-        u.server_ms = h.server_ms
-    missing = [e for e, v in (("server.recv", h.recv_t), ("rpc.start", h.start_t), ("rpc.done", h.done_t)) if v is None]
-    u.missing = u.missing + tuple(missing)
-    if u.rpc_ms is None and h.rpc_ms is not None:
-        u.rpc_ms = h.rpc_ms
-    if u.op is None:
-        u.op = h.op
-    if u.queue_ms is None and u.wall_ms is not None and u.server_ms is not None:
-        u.queue_ms = max(0.0, u.wall_ms - u.server_ms)
-    if u.t is not None and h.recv_t is not None:
-        u.recv_delay_ms = (h.recv_t - u.t) * 1000.0
+        return  # named missing below, with every call that found no server half
+    missing = [m for m in u["missing"].split(",") if m]
+    u["server_source"] = h["source"]
+    u["recv_t"], u["rpc_start_t"], u["server_rpc_ms"] = h["recv_t"], h["start_t"], h["rpc_ms"]
+    if h["server_ms"] is not None and u["server_ms"] is None:
+        u["server_ms"] = h["server_ms"]
+    missing += [e for e, v in (("server.recv", h["recv_t"]), ("rpc.start", h["start_t"]), ("rpc.done", h["done_t"])) if v is None]
+    u["missing"] = ",".join(missing)
+    if u["rpc_ms"] is None and h["rpc_ms"] is not None:
+        u["rpc_ms"] = h["rpc_ms"]
+    if u["op"] is None:
+        u["op"] = h["op"]
+    if u["queue_ms"] is None and u["wall_ms"] is not None and u["server_ms"] is not None:
+        u["queue_ms"] = max(0.0, u["wall_ms"] - u["server_ms"])
 
 
-def _server_only(tid: str, h: _ServerHalf) -> Update:
-    u = Update(tid)
-    u.missing = CLIENT_EVENTS
+def _server_only(h: dict[str, Any]) -> dict[str, Any]:
+    u: dict[str, Any] = dict.fromkeys(UPDATE_SCHEMA)
+    u.update(tid=h["tid"], op=h["op"], missing=",".join(CLIENT_EVENTS), attempts=0)
     _attach(u, h)
     return u
 
 
-def _pair(tid: str, ups: list[Update], hs: list[_ServerHalf] | None, out: list[Update]) -> None:
-    if not hs:
-        for u in ups:
-            _attach(u, None)
-        out.extend(ups)
-        return
+def _pair(ups: list[dict[str, Any]], hs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Client calls and server halves of one (trace id, op): by the echoed rpc_ms, then in order."""
     if len(ups) == 1 and len(hs) == 1:
         _attach(ups[0], hs[0])
-        out.append(ups[0])
-        return
+        return ups
     free = list(hs)
     paired: set[int] = set()
-    for u in ups:  # the server's rpc_ms is echoed in client.done: the best key
-        m = next((h for h in free if u.rpc_ms is not None and h.rpc_ms is not None and abs(h.rpc_ms - u.rpc_ms) < 0.0015), None)
+    for i, u in enumerate(ups):
+        m = next((h for h in free if u["rpc_ms"] is not None and h["rpc_ms"] is not None and abs(h["rpc_ms"] - u["rpc_ms"]) < 0.0015), None)
         if m is not None:
             free.remove(m)
             _attach(u, m)
-            paired.add(id(u))
-    for u in ups:
-        if id(u) not in paired:
+            paired.add(i)
+    for i, u in enumerate(ups):
+        if i not in paired:
             _attach(u, free.pop(0) if free else None)
-    out.extend(ups)
-    out.extend(_server_only(tid, h) for h in free)
+    return ups + [_server_only(h) for h in free]
 
 
-# --------------------------------------------------------------------------- the join
+def join_updates(sources: Sequence[Source]) -> pl.DataFrame:
+    """All admin calls of the run (UPDATE_SCHEMA), in time order, each with its signature."""
+    calls = client_calls(sources)
+    halves = server_halves(sources)
+    if halves:
+        by: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
+        for h in halves:
+            by.setdefault((h["tid"], h["op"]), []).append(h)
+        tids = list({h["tid"] for h in halves})
+        hit = calls.filter(pl.col("tid").is_in(tids))
+        rows = hit.to_dicts()
+        ups: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
+        for u in rows:
+            ups.setdefault((u["tid"], u["op"]), []).append(u)
+        joined: list[dict[str, Any]] = []
+        for k, us in ups.items():
+            joined.extend(_pair(us, by.pop(k, [])))
+        for hs in by.values():
+            joined.extend(_server_only(h) for h in hs)
+        rest = calls.filter(~pl.col("tid").is_in(tids))
+        calls = pl.concat([rest, pl.DataFrame(joined, schema=UPDATE_SCHEMA)]) if joined else rest
+    server_missing = ",".join(SERVER_EVENTS)
+    calls = calls.with_columns(
+        pl.when(pl.col("server_source").is_null())
+        .then(pl.concat_str([pl.col("missing"), pl.lit("," + server_missing)]).str.strip_chars_start(","))
+        .otherwise(pl.col("missing")).alias("missing"),
+        ((pl.col("recv_t") - pl.col("t")) * 1000.0).alias("recv_delay_ms"),
+    )
+    calls = attach_checkpoint_waits(calls, sources)
+    calls = calls.with_columns(rules.signature_expr().alias("signature"))
+    start = pl.coalesce("t", "recv_t")
+    return calls.with_columns(start.alias("_start")).sort(["_start", "client_seq"], nulls_last=True).drop("_start")
 
 
-class Table:
-    """All updates column-wise (ROW_FIELDS -> equal-length lists) and their time order.
+def attach_checkpoint_waits(calls: pl.DataFrame, sources: Sequence[Source]) -> pl.DataFrame:
+    """A checkpoint wait belongs to the updates of its step, else to the next trace its orchestrator sends
+    (all calls of that trace share it: one wait per sync)."""
+    waits = [s.of("ckpt.wait.done").select(pl.lit(s.source).alias("client_source"), "seq", "target_step", "wait_ms") for s in sources]
+    waits = [w for w in waits if w.height]
+    if not waits or not calls.height:
+        return calls
+    w = pl.concat(waits)
+    by_step = w.group_by("client_source", "target_step").agg(pl.col("wait_ms").last().alias("_ws")).rename({"target_step": "step"})
+    out = calls.join(by_step, on=["client_source", "step"], how="left")
+    first = (out.filter(pl.col("client_seq").is_not_null() & pl.col("client_source").is_not_null())
+             .group_by("client_source", "tid").agg(pl.col("client_seq").min().alias("seq")).sort("seq"))
+    near = first.join_asof(w.sort("seq").rename({"seq": "wseq"}).with_columns(pl.col("wseq").alias("seq")),
+                           on="seq", by="client_source", strategy="backward", check_sortedness=False)
+    near = (near.filter(pl.col("wseq").is_not_null()).sort("seq").unique(["client_source", "wseq"], keep="first")
+            .select("client_source", "tid", pl.col("wait_ms").alias("_wo"), pl.col("target_step").alias("_so")))
+    out = out.join(near, on=["client_source", "tid"], how="left")
+    has_step = pl.col("_ws").is_not_null()
+    return out.with_columns(
+        pl.when(has_step).then(pl.col("_ws")).otherwise(pl.col("_wo")).alias("ckpt_wait_ms"),
+        pl.when(has_step).then(pl.col("step")).otherwise(pl.col("_so")).alias("ckpt_step"),
+    ).drop("_ws", "_wo", "_so")
 
-    A 1 GB log holds millions of updates: columns cost a few C-level operations each, where
-    per-update objects or tuples cost a Python call each. The updates joined inside fast blocks
-    (``collect.Bulk``) stay numpy columns as rows ``0 .. nb-1``; ``cols`` turns them into lists on
-    first use (the general path), the report's hot spots read them as arrays (``array``, ``bulk_sig``).
-    """
 
-    def __init__(self) -> None:
-        self._cols: dict[str, list[Any]] = {f: [] for f in ROW_FIELDS}
-        self.n = 0
-        self.order: Any = []
-        self.bulk: Bulk | None = None
-        self.bulk_source: str | None = None
-        self.bulk_sig: Any = None  # signature codes (index into SIGNATURES) of the bulk rows
-        self.nb = 0
+class Update:
+    """One admin call of one server (a row of the updates frame), built on demand: a run may hold millions."""
 
-    def set_bulk(self, bulk: Bulk, source: str) -> None:
-        """Put the bulk rows first (before any ``add``)."""
-        assert self.n == 0
-        self.bulk, self.bulk_source, self.nb = bulk, source, len(bulk)
-        self.n = self.nb
+    __slots__ = (*UPDATE_SCHEMA, "signature", "around")
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        for name in UPDATE_SCHEMA:
+            setattr(self, name, row.get(name))
+        self.signature: str = row.get("signature") or rules.HEALTHY
+        self.missing: tuple[str, ...] = tuple(m for m in (row.get("missing") or "").split(",") if m)  # type: ignore[assignment]
+        self.around: list[dict[str, Any]] | None = None
 
     @property
-    def cols(self) -> dict[str, list[Any]]:
-        """Every row's fields as lists (turns the bulk rows into lists first)."""
-        self.materialize()
-        return self._cols
+    def start(self) -> float | None:
+        """Best-known start time (epoch seconds): client.send, else server.recv."""
+        return self.t if self.t is not None else self.recv_t  # type: ignore[attr-defined]
 
-    def _bulk_lists(self) -> dict[str, list[Any]]:
-        b = self.bulk
-        assert b is not None
-        j = b.joined_lists()
-        nb = self.nb
-        sig = [SIGNATURES[i] for i in self.bulk_sig.tolist()] if self.bulk_sig is not None else [HEALTHY] * nb
-        out: dict[str, list[Any]] = {name: [None] * nb for name in ROW_FIELDS}
-        out.update(tid=j["tid"], server=j["server"], op=j["op"], t=j["t"], attempts=[1] * nb, wall_ms=j["wall_ms"],
-                   queue_ms=j["queue_ms"], rpc_ms=j["rpc_ms"], missing=[SERVER_EVENTS] * nb, client_source=[self.bulk_source] * nb,
-                   client_seq=j["seq"], signature=sig)
-        return out
+    def diagnosis(self) -> Diagnosis:
+        """The full diagnosis with the rule that fired."""
+        return diagnose(self.queue_ms, self.rpc_ms, self.ckpt_wait_ms)  # type: ignore[attr-defined]
 
-    def materialize(self) -> None:
-        """Turn the bulk rows into list rows (same row numbers)."""
-        if self.bulk is None:
-            return
-        front = self._bulk_lists()
-        for name in ROW_FIELDS:
-            self._cols[name] = front[name] + self._cols[name]
-        self.bulk, self.bulk_sig, self.nb = None, None, 0
-
-    def add(self, n: int, **cols: Any) -> None:
-        """Append ``n`` updates; a field not given is None, a non-list value is repeated."""
-        for name in ROW_FIELDS:
-            v = cols.get(name)
-            if isinstance(v, list):
-                assert len(v) == n, name
-                self._cols[name] += v
-            else:
-                self._cols[name] += [v] * n
-        self.n += n
-
-    def add_updates(self, ups: Sequence[Update]) -> None:
-        if ups:
-            self.add(len(ups), **{name: [getattr(u, name) for u in ups] for name in ROW_FIELDS})
-
-    def row(self, i: int) -> tuple:
-        i = int(i)
-        if i < self.nb:
-            b = self.bulk
-            assert b is not None
-
-            def f(a: Any) -> float | None:
-                v = float(a[i])
-                return None if v != v else v
-
-            values = dict(
-                tid=b.tid[i].decode(), server=b.server_labels[b.server_codes[i]], op=b.op_labels[b.op_codes[i]], t=f(b.t),
-                attempts=1, wall_ms=f(b.wall_ms), queue_ms=f(b.queue_ms), rpc_ms=f(b.rpc_ms), missing=SERVER_EVENTS,
-                client_source=self.bulk_source, client_seq=int(b.seq[i]),
-                signature=SIGNATURES[self.bulk_sig[i]] if self.bulk_sig is not None else HEALTHY,
-            )
-            return tuple(values.get(name) for name in ROW_FIELDS)
-        return tuple(self._cols[name][i - self.nb] for name in ROW_FIELDS)
-
-    def update(self, i: int) -> Update:
-        return Update.from_row(self.row(i))
-
-    def column(self, name: str) -> list[Any]:
-        """One field of every row, in row order."""
-        if self.bulk is None:
-            return self._cols[name]
-        return self._bulk_lists()[name] + self._cols[name]
-
-    def values(self, name: str) -> list[Any]:
-        """Non-None values of one field (any order)."""
-        if self.bulk is None:
-            return [v for v in self._cols[name] if v is not None]
-        return self.array(name).tolist()
-
-    def array(self, name: str) -> Any:
-        """Non-None values of a float field as a float64 array, in row order (what ``values`` holds)."""
-        import numpy as np
-
-        rest = [v for v in self._cols[name] if v is not None]
-        b = self.bulk
-        a = getattr(b, name, None) if b is not None and name in _BULK_FLOATS else None
-        if a is None:
-            return np.asarray(rest, dtype=np.float64)
-        a = a[a == a]
-        return np.concatenate([a, np.asarray(rest, dtype=np.float64)]) if rest else a
-
-    def drop(self, idx: set[int]) -> list[tuple]:
-        """Remove rows by index, returning them as tuples."""
-        if not idx:
-            return []
-        self.materialize()
-        out = [self.row(i) for i in sorted(idx)]
-        keep = [i for i in range(self.n) if i not in idx]
-        for name in ROW_FIELDS:
-            col = self._cols[name]
-            self._cols[name] = [col[i] for i in keep]
-        self.n = len(keep)
-        return out
-
-
-_BULK_FLOATS = ("t", "wall_ms", "rpc_ms", "queue_ms")
-
-
-def _concat_bulk(chunks: Sequence[Bulk]) -> Bulk:
-    """One Bulk of many (label lists merged, codes remapped)."""
-    import numpy as np
-
-    if len(chunks) == 1:
-        return chunks[0]
-
-    def labels(kind: str) -> tuple[list[str], Any]:
-        merged: dict[str, int] = {}
-        codes = []
-        for c in chunks:
-            remap = np.array([merged.setdefault(x, len(merged)) for x in getattr(c, f"{kind}_labels")], dtype=np.int32)
-            codes.append(remap[getattr(c, f"{kind}_codes")] if len(remap) else getattr(c, f"{kind}_codes"))
-        return list(merged), np.concatenate(codes)
-
-    sl, sc = labels("server")
-    ol, oc = labels("op")
-    cat = lambda name: np.concatenate([getattr(c, name) for c in chunks])  # noqa: E731
-    return Bulk(seq=cat("seq"), tid=cat("tid"), hash=cat("hash"), server_labels=sl, server_codes=sc, op_labels=ol, op_codes=oc,
-                t=cat("t"), wall_ms=cat("wall_ms"), rpc_ms=cat("rpc_ms"), queue_ms=cat("queue_ms"))
-
-
-def _bulk_take(b: Bulk, idx: Any) -> Bulk:
-    return Bulk(seq=b.seq[idx], tid=b.tid[idx], hash=b.hash[idx], server_labels=b.server_labels, server_codes=b.server_codes[idx], op_labels=b.op_labels,
-                op_codes=b.op_codes[idx], t=b.t[idx], wall_ms=b.wall_ms[idx], rpc_ms=b.rpc_ms[idx], queue_ms=b.queue_ms[idx])
-
-
-def _bulk_columns(p: Partial, exclude: set[str], table: Table) -> tuple[list[tuple], list[tuple]]:
-    """``_joined_columns`` for a source whose joined updates are all Bulk: numpy instead of hashes and lists."""
-    import numpy as np
-
-    b = _concat_bulk(p.bulk)
-    h = b.hash
-    if len(h) and hash(bytes(b.tid[0])) != int(h[0]):  # not forked from this process: hash here
-        h = b.hash = np.fromiter(map(hash, b.tid.tolist()), dtype=np.int64, count=len(b.tid))
-    # A trace id joined in two blocks (duplicated log lines) or also seen elsewhere takes the general path;
-    # by hash, so a collision only sends a few more updates that way.
-    uniq, inverse, counts = np.unique(h, return_inverse=True, return_counts=True)
-    bad = counts[inverse] > 1
-    if exclude:
-        bad |= np.isin(h, np.fromiter((hash(t.encode()) for t in exclude), dtype=np.int64, count=len(exclude)))
-    sends: list[tuple] = []
-    dones: list[tuple] = []
-    if bad.any():
-        out = _bulk_take(b, np.flatnonzero(bad)).joined_lists()
-        sends = list(zip(out["seq"], out["tid"], out["server"], out["op"], out["t"], out["step"], strict=True))
-        dones = list(zip(out["seq"], out["tid"], out["wall_ms"], out["rpc_ms"], out["queue_ms"], out["server"], out["server_ms"],
-                         out["pool_wait_ms"], strict=True))
-        b = _bulk_take(b, np.flatnonzero(~bad))
-    table.set_bulk(b, p.source)
-    return sends, dones
-
-
-def _signature_codes(b: Bulk) -> Any:
-    """``rules.signature_of`` for every bulk row (no checkpoint waits there), as codes into SIGNATURES."""
-    import numpy as np
-
-    q = b.queue_ms
-    r = b.rpc_ms
-    with np.errstate(invalid="ignore"):
-        over_q = q > QUEUE_THRESHOLD_MS
-        best = np.where(over_q, q, 0.0)
-        over_r = (r > RPC_SLOW_MS) & (r > best)
-    codes = np.full(len(q), SIGNATURES.index(HEALTHY), dtype=np.int8)
-    codes[over_q] = SIGNATURES.index(FRONT_END_QUEUE)
-    codes[over_r] = SIGNATURES.index(ENGINE_RELOAD_SLOW)
-    return codes
-
-
-def _joined_columns(p: Partial, exclude: set[str], table: Table) -> tuple[list[tuple], list[tuple]]:
-    """Add the updates ``prejoin`` joined inside blocks to ``table``; those whose trace id shows up
-    elsewhere (other sources, server halves, leftovers) come back as (send, done) tuples for the general path."""
-    j = p.joined
-    n = len(j["tid"])
-    if not n:
-        return [], []
-    hashes = j["hash"]
-    excl = {hash(t) for t in exclude}
-    if len(set(hashes)) != n:  # a trace id joined in two blocks (duplicated log lines): the general path decides
-        excl.update(h for h, c in Counter(hashes).items() if c > 1)
-    bad = [i for i, h in enumerate(hashes) if h in excl] if excl else []
-    if bad:
-        badset = set(bad)
-        sends = [(j["seq"][i], j["tid"][i], j["server"][i], j["op"][i], j["t"][i], j["step"][i]) for i in bad]
-        dones = [(j["seq"][i], j["tid"][i], j["wall_ms"][i], j["rpc_ms"][i], j["queue_ms"][i], j["server"][i], j["server_ms"][i],
-                  j["pool_wait_ms"][i]) for i in bad]
-        keep = [i for i in range(n) if i not in badset]
-        cols = {c: [v[i] for i in keep] for c, v in j.items()}
-        n = len(keep)
-    else:
-        sends, dones, cols = [], [], j
-    table.add(
-        n, tid=cols["tid"], server=cols["server"], op=cols["op"], step=cols["step"], t=cols["t"], attempts=1,
-        wall_ms=cols["wall_ms"], queue_ms=cols["queue_ms"], rpc_ms=cols["rpc_ms"], server_ms=cols["server_ms"],
-        pool_wait_ms=cols["pool_wait_ms"], missing=SERVER_EVENTS, client_source=p.source, client_seq=cols["seq"], signature=HEALTHY,
-    )
-    return sends, dones
-
-
-def join_table(parts: Sequence[Partial]) -> Table:
-    """All updates of the run: log halves first, span files filling trace ids the logs do not cover."""
-    logs = [p for p in parts if p.origin == "log"]
-    spans = [p for p in parts if p.origin == "spans"]
-    servers = _server_halves(logs, None)
-    client_logs = [p for p in logs if p.send["tid"] or p.done["tid"] or p.joined["tid"] or p.bulk]
-    # The numpy path takes one client log whose blocks all joined as arrays; anything else is joined as lists.
-    fast = client_logs[0] if len(client_logs) == 1 and client_logs[0].bulk and not client_logs[0].joined["tid"] else None
-    for p in client_logs:
-        if p.bulk and p is not fast:
-            _bulk_into_lists(p)
-    # Trace ids with a server half, seen by more than one client source, or also among the halves left
-    # unjoined (a retry, a send and its done in different blocks) take the general path.
-    shared: set[str] = set(servers)
-    loose = [set(p.send["tid"]) | set(p.done["tid"]) for p in client_logs]
-    for x in loose:
-        shared |= x
-    if len(client_logs) > 1:
-        seen: Counter[str] = Counter()
-        for p, x in zip(client_logs, loose, strict=True):
-            seen.update(x | set(p.joined["tid"]))
-        shared.update(t for t, c in seen.items() if c > 1)
-    table = Table()
-    objects: list[Update] = []
-    clients: dict[str, list[Update]] = {}
-    for p in client_logs:
-        js, jd = _bulk_columns(p, shared, table) if p is fast else _joined_columns(p, shared, table)
-        sends = sorted(js + _send_rows(p, range(len(p.send["tid"]))))
-        dones = sorted(jd + _done_rows(p, range(len(p.done["tid"]))), key=lambda r: r[0])
-        for tid, ups in _client_objects(p.source, sends, dones).items():
-            clients.setdefault(tid, []).extend(ups)
-    if spans:
-        log_client_tids = set(clients)
-        for p in client_logs:
-            log_client_tids.update(p.done["tid"])
-            log_client_tids.update(p.send["tid"])
-            log_client_tids.update(p.joined["tid"])
-            if table.bulk is not None:
-                log_client_tids.update(t.decode() for t in table.bulk.tid.tolist())
-        for p in spans:
-            if not (p.send["tid"] or p.done["tid"]):
-                continue
-            keep_s = [i for i, t in enumerate(p.send["tid"]) if t not in log_client_tids]
-            keep_d = [i for i, t in enumerate(p.done["tid"]) if t not in log_client_tids]
-            for tid, ups in _client_objects(p.source, _send_rows(p, keep_s), _done_rows(p, keep_d)).items():
-                clients.setdefault(tid, []).extend(ups)
-        servers.update(_server_halves(spans, set(servers)))
-        # span files may know the server half of an update the logs joined without one
-        hit = {i for i, t in enumerate(table.cols["tid"]) if t in servers}
-        for r in table.drop(hit):
-            u = Update.from_row(r)
-            u.missing = ()
-            clients.setdefault(u.tid, []).append(u)
-    for tid, ups in clients.items():
-        _pair(tid, ups, servers.pop(tid, None), objects)
-    for tid, hs in servers.items():
-        objects.extend(_server_only(tid, h) for h in hs)
-    table.add_updates(objects)
-    _attach_checkpoint_waits(table, parts)
-    c = table._cols  # the list rows (after the bulk rows, if any)
-    c["signature"] = list(map(signature_of, c["queue_ms"], c["rpc_ms"], c["ckpt_wait_ms"]))
-    t, recv = c["t"], c["recv_t"]
-    inf = float("inf")
-    start = [x if x is not None else (y if y is not None else inf) for x, y in zip(t, recv, strict=False)]
-    seq = [-1 if q is None else q for q in c["client_seq"]]
-    b = table.bulk
-    if b is None:
-        order = sorted(range(table.n), key=seq.__getitem__)  # ties in time keep log order, however the log was cut
-        order.sort(key=start.__getitem__)
-        table.order = order
-        return table
-    import numpy as np
-
-    table.bulk_sig = _signature_codes(b)
-    all_start = np.concatenate([np.where(b.t == b.t, b.t, inf), np.asarray(start, dtype=np.float64)])
-    all_seq = np.concatenate([b.seq, np.asarray(seq, dtype=np.int64)])
-    table.order = np.lexsort((all_seq, all_start))  # by time, then log position, then row: as the sorts above
-    return table
-
-
-def _bulk_into_lists(p: Partial) -> None:
-    """Move a source's Bulk updates into its ``joined`` lists, in block order (the list path's row order)."""
-    rows = [(r[0] // BLOCK_SEQ, k, r) for k, r in enumerate(zip(*(p.joined[c] for c in p.joined), strict=True))]
-    for chunk in p.bulk:
-        cols = chunk.joined_lists()
-        rows.extend((r[0] // BLOCK_SEQ, len(rows), r) for r in zip(*(cols[c] for c in p.joined), strict=True))
-    rows.sort(key=lambda x: (x[0], x[1]))
-    names = list(p.joined)
-    p.joined = {c: [r[2][i] for r in rows] for i, c in enumerate(names)}
-    p.bulk = []
-
-
-def _attach_checkpoint_waits(table: Table, parts: Sequence[Partial]) -> None:
-    """A checkpoint wait belongs to the next update its orchestrator sends (or the one with its step)."""
-    waits = {p.source: sorted(p.waits) for p in parts if p.waits}
-    if not waits:
-        return
-    c = table.cols
-    src, seqc, stepc, tidc, cw, cs = c["client_source"], c["client_seq"], c["step"], c["tid"], c["ckpt_wait_ms"], c["ckpt_step"]
-    by_source: dict[str, list[int]] = {}
-    for i, (s_, q) in enumerate(zip(src, seqc, strict=False)):
-        if q is not None and s_ in waits:
-            by_source.setdefault(s_, []).append(i)
-    for source, idx in by_source.items():
-        ws = waits[source]
-        by_step = {step: (ms, step) for _s, step, ms in ws}
-        idx.sort(key=seqc.__getitem__)
-        used: dict[str, tuple[float, int]] = {}
-        wi, pending = 0, None
-        for i in idx:
-            got = by_step.get(stepc[i]) if stepc[i] is not None else None
-            if got is None:
-                got = used.get(tidc[i])
-            if got is None:
-                while wi < len(ws) and ws[wi][0] < seqc[i]:
-                    pending = ws[wi]
-                    wi += 1
-                if pending is None:
-                    continue
-                got = used[tidc[i]] = (pending[2], pending[1])
-                pending = None  # one wait per update; all servers of that trace share it
-            cw[i], cs[i] = got
-
-
-def gen_index(parts: Sequence[Partial]) -> dict[str, tuple[list[int], Any]]:
-    """Per source, generation batches in order: (seqs, rows of (seq, completions, dur_ms, inflight))."""
-    out: dict[str, tuple[list[int], Any]] = {}
-    for p in parts:
-        g = p.gen
-        s = g["seq"]
-        if not s:
-            continue
-        if all(map(operator.lt, s, islice(s, 1, None))):  # already in log order (always, from one log): no copies
-            out[p.source] = (s, _GenRows(g))
-            continue
-        rows = sorted(zip(s, g["completions"], g["dur_ms"], g["inflight"], strict=False))
-        out[p.source] = ([r[0] for r in rows], rows)
-    return out
-
-
-class _GenRows:
-    """Rows (seq, completions, dur_ms, inflight) of sorted generation columns, made when sliced."""
-
-    def __init__(self, g: dict[str, list[Any]]):
-        self.g = g
-
-    def __len__(self) -> int:
-        return len(self.g["seq"])
-
-    def __getitem__(self, i: slice) -> list[tuple]:
-        g = self.g
-        return list(zip(g["seq"][i], g["completions"][i], g["dur_ms"][i], g["inflight"][i], strict=True))
-
-
-def generation_around(u: Update, gen_by_source: dict[str, tuple[list[int], list[tuple]]], before: int = 3, after: int = 1) -> list[dict[str, Any]]:
-    """Generation batches logged just before and after an update by the same orchestrator."""
-    if u.client_source is None or u.client_seq is None or u.client_source not in gen_by_source:
-        return []
-    seqs, rows = gen_by_source[u.client_source]
-    i = bisect_left(seqs, u.client_seq)
-    return [{"position": "before" if r[0] < u.client_seq else "after", "completions": r[1], "dur_ms": r[2], "inflight": r[3]}
-            for r in rows[max(0, i - before): i + after]]
+    def to_dict(self) -> dict[str, Any]:
+        diag = self.diagnosis()
+        g = self.__getattribute__
+        d: dict[str, Any] = {
+            "trace_id": g("tid"), "server": g("server"), "op": g("op"), "step": g("step"), "t": self.start,
+            "wall_ms": g("wall_ms"), "queue_ms": g("queue_ms"), "rpc_ms": g("rpc_ms"), "server_ms": g("server_ms"),
+            "server_rpc_ms": g("server_rpc_ms"), "pool_wait_ms": g("pool_wait_ms"),
+            "recv_delay_ms": g("recv_delay_ms"), "recv_delay_clock_skew_sensitive": g("recv_delay_ms") is not None,
+            "ckpt_wait_ms": g("ckpt_wait_ms"), "ckpt_step": g("ckpt_step"), "attempts": g("attempts"), "status": g("status"), "ok": g("ok"),
+            "missing": list(self.missing), "signature": self.signature, "rule": diag.rule, "also": list(diag.also),
+            "client_source": g("client_source"), "server_source": g("server_source"),
+        }
+        if self.around is not None:
+            d["generation_around"] = self.around
+        return d

@@ -1,7 +1,8 @@
 """A self-contained HTML report: inline SVG plots generated here, no scripts, no network.
 
 Plots: the timeline of updates split into queue and rpc, the distributions of queue and rpc,
-checkpoint waits, and the generation in-flight load. Large runs are downsampled per plot (the worst
+checkpoint waits, the generation in-flight load and, when the run has weight syncs, each sync as a
+stacked bar of its phases (pause, transfer, resume; the slowest server's) with the server that held it up. Large runs are downsampled per plot (the worst
 update of each bucket is kept, so stalls never disappear).
 """
 
@@ -15,10 +16,12 @@ from typing import Any
 
 from weightwatch.analysis import rules
 from weightwatch.analysis.report import Report
+from weightwatch.catalogue import PHASES
 
 MAX_BARS = 600
 W, H, PAD_L, PAD_B, PAD_T, PAD_R = 900, 260, 60, 30, 14, 12
-COLORS = {"queue": "#e4572e", "rpc": "#2e86ab", "wait": "#8e6c8a", "inflight": "#3b8b5a", "thr": "#222"}
+COLORS = {"queue": "#e4572e", "rpc": "#2e86ab", "wait": "#8e6c8a", "inflight": "#3b8b5a", "thr": "#222",
+          "pause": "#f2a541", "transfer": "#2e86ab", "resume": "#3b8b5a"}
 
 
 def _e(x: Any) -> str:
@@ -153,6 +156,53 @@ def bars(plot_id: str, title: str, values: list[float], color: str, ylabel: str,
     return _svg(plot_id, title, body)
 
 
+def sync_timeline(report: Report) -> str:
+    """One stacked bar per sync: pause, transfer, resume (slowest server each); a failed sync is outlined in red."""
+    f = report.syncs.frame
+    title = ("Weight syncs over time: pause (orange), transfer (blue), resume (green) per sync, ms (slowest server per phase); "
+             f"dashed line = {_fmt(rules.PAUSE_SLOW_MS)} ms pause/resume threshold")
+    rows = f.select("tid", "step", "pause_ms", "transfer_ms", "resume_ms", "signature", "held_by_server", "held_by_phase").rows(named=True)
+    if not rows:
+        return _empty("plot-sync-timeline", title, "no weight syncs")
+    total = [sum((r[f"{ph}_ms"] or 0.0) for ph in PHASES) for r in rows]
+    shown = _bucket(list(range(len(rows))), key=lambda i: total[i])
+    ymax = _nice_max(max(max(total[i] for i in shown), rules.PAUSE_SLOW_MS * 1.1))
+    body = _axes(ymax, "ms", f"syncs in time order ({len(rows):,}" + (f", worst of each of {len(shown)} buckets)" if len(shown) < len(rows) else ")"))
+    plot_w, plot_h = W - PAD_L - PAD_R, H - PAD_B - PAD_T
+    bw = plot_w / len(shown)
+    for k, i in enumerate(shown):
+        r = rows[i]
+        x, y = PAD_L + k * bw, H - PAD_B
+        tip = (f"step {r['step']} trace {r['tid']}: " + ", ".join(f"{ph} {_fmt(r[f'{ph}_ms'])} ms" for ph in PHASES)
+               + f"; {r['signature']}" + (f"; held up by {r['held_by_server']} ({r['held_by_phase']})" if r["held_by_server"] else ""))
+        parts = [f"<g class=\"sync\"><title>{_e(tip)}</title>"]
+        for ph in PHASES:
+            h = plot_h * max(0.0, r[f"{ph}_ms"] or 0.0) / ymax
+            y -= h
+            parts.append(f'<rect class="phase-{ph}" x="{x:.2f}" y="{y:.2f}" width="{max(bw * 0.85, 0.5):.2f}" height="{h:.2f}" fill="{COLORS[ph]}"/>')
+        if r["signature"] != rules.HEALTHY:
+            parts.append(f'<rect class="sync-flag" x="{x:.2f}" y="{H - PAD_B + 2:.2f}" width="{max(bw * 0.85, 0.5):.2f}" height="4" fill="{COLORS["queue"]}"/>')
+        body.append("".join(parts) + "</g>")
+    yt = H - PAD_B - plot_h * rules.PAUSE_SLOW_MS / ymax
+    body.append(f'<line x1="{PAD_L}" y1="{yt:.1f}" x2="{W - PAD_R}" y2="{yt:.1f}" stroke="{COLORS["thr"]}" stroke-dasharray="5,4"/>')
+    return _svg("plot-sync-timeline", title, body)
+
+
+def _phase_table(report: Report) -> str:
+    t = report.syncs.phase_table()
+    head = "<tr><th>phase (ms)</th><th>server</th><th>count</th><th>p50</th><th>p95</th><th>p99</th><th>max</th></tr>"
+    rows = []
+    for ph in PHASES:
+        s = t["per_sync"][ph]
+        if s["count"]:
+            rows.append(f"<tr><td>{ph}</td><td>slowest server</td><td>{s['count']:,}</td>" + "".join(f"<td>{_fmt(s[k])}</td>" for k in ("p50", "p95", "p99", "max")) + "</tr>")
+        for srv, phases in t["per_server"].items():
+            s = phases.get(ph)
+            if s and s["count"]:
+                rows.append(f"<tr><td>{ph}</td><td>{_e(srv)}</td><td>{s['count']:,}</td>" + "".join(f"<td>{_fmt(s[k])}</td>" for k in ("p50", "p95", "p99", "max")) + "</tr>")
+    return f"<table class=\"phases\"><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
+
+
 def _stats_table(report: Report) -> str:
     rows = []
     for m, s in report.measures.items():
@@ -180,11 +230,11 @@ def _compare_block(c: dict[str, Any]) -> str:
 
 def render_html(report: Report, *, compare: dict[str, Any] | None = None, before: Report | None = None) -> str:
     v = report.verdict
-    waits = [r[2] for r in sorted(report.series.get("waits", []))]
-    gen = sorted(report.series.get("gen", []))
-    inflight = [float(r[3]) for r in gen]
-    queue = report.updates.table.values("queue_ms")
-    rpc = report.updates.table.values("rpc_ms")
+    waits = list(report.series.get("waits", []))
+    gen = report.series.get("gen")
+    inflight = [float(x) for x in gen["inflight"].to_list()] if gen is not None else []
+    queue = report.updates.values("queue_ms")
+    rpc = report.updates.values("rpc_ms")
     plots = [
         timeline(report),
         histogram("plot-distributions", "Distributions of queue (red) and rpc (blue) time per update", {"queue": queue, "rpc": rpc}),
@@ -193,8 +243,10 @@ def render_html(report: Report, *, compare: dict[str, Any] | None = None, before
         bars("plot-inflight", "Generation load: requests in flight at the end of each batch", inflight, COLORS["inflight"], "requests",
              "generation batches in order"),
     ]
+    if len(report.syncs):
+        plots.insert(0, sync_timeline(report))
     if before is not None:
-        bq = before.updates.table.values("queue_ms")
+        bq = before.updates.values("queue_ms")
         plots.append(histogram("plot-compare", "Queue time before (red) and after (blue) the fix", {"queue": bq, "rpc": queue}))
     css = ("body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:960px}"
            "table{border-collapse:collapse;margin:8px 0 18px}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}"
@@ -213,6 +265,7 @@ def render_html(report: Report, *, compare: dict[str, Any] | None = None, before
         + (_compare_block(compare) if compare else "")
         + f"<p>{len(report.inputs)} input(s), {parse['lines']:,} lines, {parse['events']:,} events, {parse['rejected_total']:,} lines skipped</p>"
         + (f"<ul>{skipped}</ul>" if skipped else "")
+        + (("<h2>Weight syncs by phase</h2>" + _phase_table(report)) if len(report.syncs) else "")
         + "<h2>Per update</h2>" + _stats_table(report)
         + "".join(plots)
         + "<h2>Slowest updates</h2>" + _slowest_table(report)

@@ -1,8 +1,8 @@
-"""Find the inputs (files, directories, ``-``, ``.gz``) and read them into Partials.
+"""Find the inputs (files, directories, ``-``, ``.gz``) and read them into Sources.
 
-Big plain files are cut into newline-aligned byte ranges and scanned by a process pool (mmap, bytes
-regexes); compressed files and stdin are streamed block by block. Span files (JSON lines) go to
-``collect.spans_to_partial``.
+Every log is read block by block (plain files through ``mmap``, compressed files and stdin as streams) and each
+block goes through the one bulk reader, ``scan.scan``, which uses all cores itself. Span files (JSON lines) go
+to ``collect.spans_to_source``.
 """
 
 from __future__ import annotations
@@ -13,19 +13,16 @@ import mmap
 import os
 import re
 import sys
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from weightwatch.analysis.collect import Partial, scan_block, spans_to_partial
+from weightwatch.analysis.collect import Source, spans_to_source
 
-#: Bytes per block a worker parses at once (bounds memory; the pool balances over blocks).
-BLOCK_BYTES = 32 * 1024 * 1024
-#: Smallest range handed to a worker (smaller ones cost more in pickling than they save).
-MIN_BLOCK_BYTES = 1 << 20
-#: Files smaller than this are read in the calling process: a pool costs more than it saves.
-PARALLEL_MIN_BYTES = 48 * 1024 * 1024
+#: Bytes parsed at once (bounds memory: a block's lines and its regex columns live only while it is parsed).
+BLOCK_BYTES = 64 * 1024 * 1024
 _LOG_NAME = re.compile(r"\.log(\.\d+)?(\.gz)?$|\.gz$|\.spans\.jsonl(\.gz)?$")
 
 
@@ -77,8 +74,9 @@ def expand(paths: Sequence[str]) -> list[Input]:
     return out
 
 
-def _blocks(fh: BinaryIO, size: int = BLOCK_BYTES) -> Iterator[bytes]:
+def _blocks(fh: BinaryIO, size: int | None = None) -> Iterator[bytes]:
     """Newline-aligned blocks of a stream (the last one may lack the final newline)."""
+    size = size or BLOCK_BYTES
     carry = b""
     while True:
         chunk = fh.read(size)
@@ -104,11 +102,11 @@ def _open(inp: Input) -> BinaryIO:
     return fh
 
 
-def _stream(inp: Input, fh: BinaryIO, first: bytes = b"") -> Partial:
-    total = Partial(inp.path if inp.path != "-" else "<stdin>")
+def _stream(inp: Input, fh: BinaryIO, first: bytes = b"") -> Source:
+    total = Source(inp.path if inp.path != "-" else "<stdin>")
     stream: BinaryIO = fh if not first else io.BufferedReader(_Prepend(first, fh))  # type: ignore[arg-type]
-    for i, block in enumerate(_blocks(stream)):
-        total.extend(scan_block(total.source, block, i))
+    for block in _blocks(stream):
+        total.add_block(block)
     return total
 
 
@@ -132,41 +130,28 @@ class _Prepend(io.RawIOBase):
         return len(data)
 
 
-def _ranges(path: str, size: int, block: int) -> list[tuple[int, int]]:
-    """Newline-aligned byte ranges of about ``block`` bytes covering the file."""
-    bounds = [0]
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        pos = block
-        while pos < size:
-            nl = mm.find(b"\n", pos)
-            if nl < 0:
-                break
-            bounds.append(nl + 1)
-            pos = nl + 1 + block
-    if bounds[-1] < size:
-        bounds.append(size)
-    return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+def _read_file(path: str) -> Source:
+    """A plain file through mmap, in newline-aligned blocks (the page cache is the only copy of the whole file)."""
+    total = Source(path)
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            return total
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            start, size = 0, len(mm)
+            while start < size:
+                end = mm.find(b"\n", min(start + BLOCK_BYTES, size) - 1)
+                end = size if end < 0 else end + 1
+                total.add_block(mm[start:end])
+                start = end
+    return total
 
 
-def _scan_range(job: tuple[str, int, int, int]) -> Partial:
-    path, index, start, end = job
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        return scan_block(path, mm[start:end], index)
+def read_inputs(inputs: Sequence[Input], jobs: int | None = None) -> list[Source]:
+    """One Source per log stream (rotated pieces joined), in input order. Unreadable inputs raise InputError.
 
-
-def default_jobs() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
-def read_inputs(inputs: Sequence[Input], jobs: int | None = None) -> list[Partial]:
-    """One merged Partial per input, in input order. Unreadable inputs raise InputError."""
-    jobs = default_jobs() if jobs is None else max(1, jobs)
-    out: list[Partial] = []
-    big: list[tuple[int, str, list[tuple[int, int]]]] = []
-    slots: list[Partial | None] = []
+    ``jobs`` caps the threads the reader uses (polars' pool is sized once per process: set POLARS_MAX_THREADS).
+    """
+    out: list[Source] = []
     for inp in inputs:
         try:
             if inp.path == "-":
@@ -174,31 +159,21 @@ def read_inputs(inputs: Sequence[Input], jobs: int | None = None) -> list[Partia
                 first = fh.readline()
                 if first.lstrip().startswith(b"{"):
                     rest = io.TextIOWrapper(fh, encoding="utf-8", errors="replace")
-                    lines = [first.decode("utf-8", "replace"), *rest]
-                    slots.append(spans_to_partial("<stdin>", lines))
+                    out.append(spans_to_source("<stdin>", [first.decode("utf-8", "replace"), *rest]))
                 else:
-                    slots.append(_stream(inp, fh, first))
+                    out.append(_stream(inp, fh, first))
                 continue
             if inp.kind == "spans":
                 with _open(inp) as fh:
-                    text = io.TextIOWrapper(fh, encoding="utf-8", errors="replace")
-                    slots.append(spans_to_partial(inp.path, text))
+                    out.append(spans_to_source(inp.path, io.TextIOWrapper(fh, encoding="utf-8", errors="replace")))
                 continue
-            size = os.path.getsize(inp.path)
-            if not inp.compressed and jobs > 1 and size >= PARALLEL_MIN_BYTES:
-                block = max(MIN_BLOCK_BYTES, min(BLOCK_BYTES, size // (jobs * 4) + 1))
-                big.append((len(slots), inp.path, _ranges(inp.path, size, block)))
-                slots.append(None)
-                continue
-            with _open(inp) as fh:
-                slots.append(_stream(inp, fh))
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            if inp.compressed:
+                with _open(inp) as fh:
+                    out.append(_stream(inp, fh))
+            else:
+                out.append(_read_file(inp.path))
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise InputError(f"{inp.path}: cannot read: {exc}") from exc
-    if big:
-        _scan_parallel(big, slots, jobs)
-    for s in slots:
-        assert s is not None
-        out.append(s)
     return merge_rotated(out)
 
 
@@ -213,43 +188,24 @@ def _rotation(source: str) -> tuple[str, int]:
     return m.group("base"), int(m.group("n") or 0)
 
 
-def merge_rotated(parts: list[Partial]) -> list[Partial]:
-    """One Partial per log stream: rotated pieces (x.log.2.gz, x.log.1, x.log) joined oldest first.
+def merge_rotated(parts: list[Source]) -> list[Source]:
+    """One Source per log stream: rotated pieces (x.log.2.gz, x.log.1, x.log) joined oldest first.
 
     A rotation splits updates across files (client.send before it, client.done after); joining needs
     the whole stream, in order.
     """
-    groups: dict[str, list[tuple[int, Partial]]] = {}
+    groups: dict[str, list[tuple[int, Source]]] = {}
     for p in parts:
         base, age = _rotation(p.source) if p.origin == "log" else (p.source, 0)
         groups.setdefault(base, []).append((age, p))
-    out: list[Partial] = []
+    out: list[Source] = []
     for base, members in groups.items():
         if len(members) == 1:
             out.append(members[0][1])
             continue
         members.sort(key=lambda m: -m[0])
-        merged = Partial(base, origin=members[0][1].origin)
+        merged = Source(base, origin=members[0][1].origin)
         for _age, p in members:
-            merged.extend(p.shifted(merged.n))
+            merged.append(p)
         out.append(merged)
     return out
-
-
-def _scan_parallel(big: list[tuple[int, str, list[tuple[int, int]]]], slots: list[Partial | None], jobs: int) -> None:
-    import multiprocessing
-
-    work = [(path, i, a, b) for _, path, ranges in big for i, (a, b) in enumerate(ranges)]
-    try:
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(jobs) as pool:
-            parts = pool.map(_scan_range, work, chunksize=1)
-    except (OSError, ValueError):  # no fork or no semaphores here: do it in this process
-        parts = [_scan_range(w) for w in work]
-    i = 0
-    for slot, path, ranges in big:
-        merged = Partial(path)
-        for _ in ranges:
-            merged.extend(parts[i])
-            i += 1
-        slots[slot] = merged
