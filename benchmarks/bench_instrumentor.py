@@ -99,21 +99,24 @@ def ratio_ci(instr: list[float], plain: list[float], q: float, n_boot: int = 200
 
 
 async def alternate(client: httpx.AsyncClient, call: Callable[[], Awaitable[None]], n: int, seed: int) -> dict[str, list[float]]:
-    """n pairs of calls, one plain and one instrumented in random order; wall ms per call."""
+    """n pairs of calls, one plain and one instrumented in random order; wall ms per call, and the client
+    process's CPU µs per call (``<side>_cpu_us``: what the recording itself costs, much less disturbed by the
+    other jobs on the machine than the wall time)."""
     from weightwatch.orchestrator import AdminHTTPXInstrumentor
 
     inst = AdminHTTPXInstrumentor()
     rng = random.Random(seed)
-    out: dict[str, list[float]] = {"plain": [], "instrumented": []}
+    out: dict[str, list[float]] = {"plain": [], "instrumented": [], "plain_cpu_us": [], "instrumented_cpu_us": []}
     for _ in range(n):
         sides = ["plain", "instrumented"]
         rng.shuffle(sides)
         for side in sides:
             if side == "instrumented":
                 inst.instrument_client(client)
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             await call()
             out[side].append((time.perf_counter() - t0) * 1000.0)
+            out[side + "_cpu_us"].append((time.thread_time() - c0) * 1e6)
             if side == "instrumented":
                 inst.uninstrument_client(client)
     return out
@@ -272,6 +275,10 @@ def rows_for(name: str, s: dict[str, list[float]]) -> dict[str, Any]:
         "ratio_p50": r50,
         "ratio_p99": r99,
         "added_p50_ms": pct(instr, 50) - pct(plain, 50),
+        "plain_cpu_us_p50": pct(s["plain_cpu_us"], 50),
+        "instr_cpu_us_p50": pct(s["instrumented_cpu_us"], 50),
+        "added_cpu_us_p50": pct(s["instrumented_cpu_us"], 50) - pct(s["plain_cpu_us"], 50),
+        "added_cpu_share_of_wall_p50": (pct(s["instrumented_cpu_us"], 50) - pct(s["plain_cpu_us"], 50)) / 1000.0 / pct(plain, 50),
     }
 
 
@@ -295,6 +302,16 @@ def report(res: dict[str, Any], micro: dict[str, float]) -> str:
             f"{r['instr_p99_ms']:.3f} | {r['ratio_p50'][0]:.4f} ({r['ratio_p50'][1]:.4f}-{r['ratio_p50'][2]:.4f}) | "
             f"{r['ratio_p99'][0]:.3f} ({r['ratio_p99'][1]:.3f}-{r['ratio_p99'][2]:.3f}) | {r['added_p50_ms']:+.3f} |"
         )
+    lines += [
+        "",
+        "Client CPU per call (the event loop's thread, median; the recording runs on it, so instrumented minus plain is its cost):",
+        "",
+        "| calls | plain CPU µs | instr CPU µs | added CPU µs | added / plain wall p50 |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['calls']} | {r['plain_cpu_us_p50']:.0f} | {r['instr_cpu_us_p50']:.0f} | {r['added_cpu_us_p50']:+.0f} | "
+                     f"{r['added_cpu_share_of_wall_p50'] * 100:+.3f} % |")
     lines += [
         "",
         "Per-request cost on a non-admin request (the instrumentor's send wrapper around a send that does nothing, 200,000 calls, best of 7):",

@@ -544,7 +544,8 @@ def test_total_timeout_while_backing_off_names_the_last_failure(tele, servers) -
     s, beh = servers(Behaviour(statuses=[503] * 10))
 
     async def go() -> UpdateResult:
-        admin = AdminClient([s.url], timeouts=AdminTimeouts(connect=2, read=5, total=0.5), retries=5, backoff_base=2, backoff_max=2)
+        # 2 s for the first attempt to reach the server on a loaded machine; the backoff (2.5-5 s) outlasts the rest
+        admin = AdminClient([s.url], timeouts=AdminTimeouts(connect=2, read=5, total=2.0), retries=5, backoff_base=5, backoff_max=5)
         async with admin:
             return await asyncio.wait_for(admin.update_weights("/w"), 20)
 

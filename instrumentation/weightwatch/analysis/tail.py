@@ -201,8 +201,6 @@ class EventMetrics:
         if result is None:
             return
         if isinstance(result, Rejected):
-            result = _seed_send(result)
-        if isinstance(result, Rejected):
             self.stats.rejected += 1
             _log.debug("skipped line (%s): %s", result.reason, result.line[:200])
             return
@@ -217,21 +215,6 @@ class EventMetrics:
         if e.key == "weights.client.send" and not fields.get("op"):
             fields = {**fields, "op": op_of_path(str(fields.get("url") or ""))}  # seed-era line: the op is the URL's
         self.recorder.record(e.key, e.tid, fields)
-
-
-def _seed_send(rejected: Rejected) -> Event | Rejected:
-    """A seed-era ``client.send`` without ``op=`` (the op is the URL's last path segment).
-
-    The grammar makes ``op`` optional on client.send (events.py); until a parser that does is in place,
-    the line is parsed again with the op it implies.
-    """
-    if not rejected.reason.endswith("client.send: missing op"):
-        return rejected
-    url = next((tok[4:] for tok in rejected.line.split() if tok.startswith("url=")), None)
-    if not url:
-        return rejected
-    again = parse_line(f"{rejected.line.rstrip()} op={op_of_path(url)}")
-    return again if again is not None else rejected
 
 
 class Tailer:
