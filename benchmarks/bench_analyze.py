@@ -123,19 +123,14 @@ class _Children:
 
 
 def timed(cmd: list[str] | str, shell: bool = False, ok: tuple[int, ...] = (0,)) -> dict[str, Any]:
+    """Wall and CPU seconds of every process the command ran, and the peak RSS of its largest (/usr/bin/time)."""
+    argv = ["/usr/bin/time", "-f", "%M", *(["bash", "-c", cmd] if shell else cmd)]  # type: ignore[list-item]
     with _Children() as c:
-        proc = subprocess.run(cmd, shell=shell, capture_output=True, text=True)
+        proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode not in ok:
         raise SystemExit(f"{cmd} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return {"wall_s": c.wall, "cpu_s": c.cpu, "out": proc.stdout}
-
-
-def peak_rss_mb(cmd: list[str], ok: tuple[int, ...] = (0,)) -> float:
-    """Peak RSS of one run, by /usr/bin/time (RUSAGE_CHILDREN only keeps the largest child ever)."""
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
-    if proc.returncode not in ok:
-        raise SystemExit(f"{cmd} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return int(proc.stderr.strip().splitlines()[-1]) / 1024
+    rss = int(proc.stderr.strip().splitlines()[-1]) / 1024
+    return {"wall_s": c.wall, "cpu_s": c.cpu, "rss_mb": rss, "out": proc.stdout}
 
 
 # --------------------------------------------------------------------------- candidate engines (docs/analyze.md)
@@ -264,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             sides["pipeline"].append(timed(PIPELINE.format(path=str(path)), shell=True))
             sides["weightwatch"].append(timed(ww, ok=(0, 3)))
         loads.append(os.getloadavg()[0])
-        rss = {"weightwatch": peak_rss_mb(ww, ok=(0, 3)), "pipeline": peak_rss_mb(["bash", "-c", PIPELINE.format(path=str(path))])}
+        rss = {k: max(r["rss_mb"] for r in v) for k, v in sides.items()}
         report = json.loads(sides["weightwatch"][-1]["out"])
         q = report["measures"]["queue_ms"]
         n_pipe, p_mean, p_std, p_max = sides["pipeline"][-1]["out"].split()
