@@ -218,6 +218,10 @@ class Slowloris:
 def test_hostile_admin_input(faults_server, tiny_model, tmp_path, reliability) -> None:
     row = reliability
     row.fault = "Hostile admin input"
+    row.injected = (
+        "schemathesis cases from the server's /openapi.json on the main port and the lane; weight_dir tricks; "
+        f"1-128 MiB bodies; {SLOW_CLIENTS} slowloris connections on the lane; 16 streams of load throughout"
+    )
     server = faults_server
     assert server.admin_url and server.weights_root and server.admin_token
     root = server.weights_root
