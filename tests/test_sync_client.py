@@ -265,6 +265,26 @@ def test_cancelled_sync_still_resumes_every_server(tele, admin_servers, caplog) 
     assert scrape(tele, "rl_admin_call_inflight_age_seconds", op="update_weights", server=a.label) == 0
 
 
+def test_closing_the_client_right_after_a_cancelled_sync_still_resumes(tele, admin_servers) -> None:
+    """aclose() straight after the cancellation must not stop the admin loop under the shielded resumes."""
+    a, b = admin_servers(2)
+    a.behaviour.hang.add("update_weights")
+
+    async def go() -> None:
+        async with AdminClient([a.url, b.url]) as admin:
+            task = asyncio.create_task(admin.sync_weights("/tmp/w/step_6", 6, timeouts=SHORT))
+            while not a.behaviour.of("update_weights"):
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        # leaving the block closed the client at once: no waiting here for the resumes
+
+    asyncio.run(go())
+    assert a.behaviour.of("resume") and b.behaviour.of("resume")
+    assert not a.behaviour.paused and not b.behaviour.paused
+
+
 def test_inflight_age_grows_while_a_call_hangs_and_returns_to_zero(tele, admin_servers) -> None:
     a, b = admin_servers(2)
     b.behaviour.hang.add("update_weights")

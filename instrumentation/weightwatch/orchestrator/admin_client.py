@@ -228,6 +228,8 @@ class AdminClient:
     async def aclose(self) -> None:
         """Close the dedicated client (and its loop); a shared (generation) client belongs to the caller and stays open."""
         if self._admin_loop is not None:
+            # A sync cancelled just before this still has its shielded resumes running on the admin loop.
+            await self._admin_loop.drain()
             if self._client is not None:
                 await self._admin_loop.run(self._close_client())
             self._admin_loop.close()

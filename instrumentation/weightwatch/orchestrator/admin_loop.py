@@ -88,6 +88,22 @@ class AdminLoop:
         future = asyncio.run_coroutine_threadsafe(_in_context(otel_context.get_current(), coro, self.switching), self.loop)
         return await asyncio.wrap_future(future)
 
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until the work still running on this loop ends: a cancelled caller returns at once, but the
+        shielded resumes its sync started run on here, and closing the loop under them would leave engines paused.
+
+        Each call is bounded by its own budget; ``timeout`` bounds the whole wait on top of that.
+        """
+        if self.loop.is_closed():
+            return
+
+        async def pending() -> None:
+            tasks = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+            if tasks:
+                await asyncio.wait(tasks, timeout=timeout)
+
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(pending(), self.loop))
+
     def close(self, timeout: float = 5.0) -> None:
         if self.loop.is_closed():
             return
