@@ -153,7 +153,7 @@ def resumed(vllm_server):
     _post(vllm_server, "/reload_weights", lane=False)
 
 
-def _pause_with_streams_held(server, lane: bool, headers: dict, n: int = 4, attempts: int = 4):
+def _pause_with_streams_held(server, lane: bool, headers: dict, n: int = 4, attempts: int = 8):
     """Start ``n`` streams and pause (keep) while some are still generating; returns (streams, pause answer, held).
 
     Stream starts spread out on a busy host and a short stream can finish before the pause lands; such an
@@ -225,6 +225,8 @@ def test_prime_rl_sequence_holds_streams_and_resumes_them(resumed, lane):
         assert [c["attributes"]["rl.op"] for c in children] == [op]
     lines = [events.parse_line(x) for x in server.log_path.read_text().splitlines() if trace_id in x]
     seen = [(e.key, e.fields.get("op") or e.fields.get("path")) for e in lines if isinstance(e, events.Event)]
+    # A pause that held nothing was retried under the same trace (a busy host): the sequence starts at the last pause.
+    seen = seen[max(i for i, x in enumerate(seen) if x == ("weights.server.recv", "/pause")) :]
     assert seen == [
         ("weights.server.recv", "/pause"), ("weights.rpc.start", "pause"), ("weights.rpc.done", "pause"),
         ("weights.server.recv", "/update_weights"), ("weights.rpc.start", "update_weights"), ("weights.rpc.done", "update_weights"),
@@ -269,7 +271,7 @@ def test_pause_wait_lets_streams_finish_and_abort_ends_them(resumed):
         assert streams.finish == ["length", "length"], "wait: the running requests finish before the pause answers"
     assert _post(server, "/resume", lane=True).status_code == 200
 
-    with Streams(server, 2, 400) as streams:
+    with Streams(server, 2, 480) as streams:  # as long as the model's context allows: the abort must land mid-stream
         r = _post(server, "/pause", lane=False, params={"mode": "abort"})
         assert r.status_code == 200, r.text
         streams.join(60)
