@@ -197,7 +197,8 @@ def test_telemetry_backends_gone_under_load(faults_server, otlp_endpoint, tiny_m
         + f" (export timeout {DEFAULT_EXPORT_TIMEOUT_S * 1000:.0f} ms never seen)"
     )
     # Tokens/s within the control's noise.
-    floor = 1 - max(0.25, 3 * control_cv)
+    # 2 cores shared with the load generator and the engine: windows swing 15-25 % (docs/inference.md); a real stall is far larger
+    floor = 1 - max(0.5, 3 * control_cv)
     for p in PHASES[1:]:
         assert summary[p]["ratio"] >= floor, (p, summary[p], control_cv)
     row.hold(
