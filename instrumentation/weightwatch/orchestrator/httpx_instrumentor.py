@@ -241,27 +241,18 @@ class AdminHTTPXInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             _log.warning("weightwatch: cannot record the end of an admin call", exc_info=True)
 
     def async_send_wrapper(self, original: Any) -> Any:
-        """``AsyncClient.send`` recording admin requests; every other request costs one path check."""
-        record = self._record_async
+        """``AsyncClient.send`` recording admin requests; every other request costs one path check.
 
-        @functools.wraps(original)
-        def send(client: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-            # Not a coroutine itself: a generation request gets the original coroutine back, no frame of ours.
-            try:
-                path = request.url._uri_reference.path
-            except AttributeError:
-                path = _raw_path(request)
-            if not path.endswith(_SUFFIXES):
-                return original(client, request, *args, **kwargs)
-            return record(original, (client, request, *args), kwargs)
-
-        setattr(send, _WRAPPER_FLAG, True)
-        return send
+        Not a coroutine itself: a generation request gets the original coroutine back, no frame of ours.
+        """
+        return self._send_wrapper(original, self._record_async)
 
     def sync_send_wrapper(self, original: Any) -> Any:
         """``Client.send``, the same for the synchronous client."""
-        record = self._record_sync
+        return self._send_wrapper(original, self._record_sync)
 
+    @staticmethod
+    def _send_wrapper(original: Any, record: Any) -> Any:
         @functools.wraps(original)
         def send(client: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
             try:
