@@ -147,10 +147,21 @@ def read_ticks(path: Path) -> list[tuple[float, int, int]]:
 
 
 def window_rate(ticks: list[tuple[float, int, int]], start: float, end: float) -> float | None:
-    """Tokens per second between the first tick at or after ``start`` and the last at or before ``end``."""
+    """Tokens per second between the first tick at or after ``start`` and the last at or before ``end``.
+
+    A window shorter than the tick interval holds fewer than two ticks; it is then measured over the
+    nearest ticks around it (the last at or before ``start``, the first at or after ``end``), so a
+    part that took 0.2 s still gets a rate that includes it. None only when no tick brackets it.
+    """
     inside = [t for t in ticks if start <= t[0] <= end]
     if len(inside) < 2 or inside[-1][0] - inside[0][0] <= 0:
-        return None
+        before = [t for t in ticks if t[0] <= start]
+        after = [t for t in ticks if t[0] >= end]
+        lo = before[-1] if before else (inside[0] if inside else None)
+        hi = after[0] if after else (inside[-1] if inside else None)
+        if lo is None or hi is None or hi[0] - lo[0] <= 0:
+            return None
+        inside = [lo, hi]
     return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
 
