@@ -592,11 +592,12 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "| dashboard | panel | " + " | ".join(f"N={n}" for n in ns) + " |",
         "|---|---|" + "---:|" * len(ns),
     ]
-    for i, q in enumerate(results[0]["queries"]):
-        cells = []
-        for r in results:
-            row = r["queries"][i]
-            cells.append(_ms(row, p99=True))
+    # Sizes measured at different times may have different dashboards: rows are matched by panel, not position
+    # (the newest size's dashboards give the rows; a panel a size did not have shows as "not measured").
+    for q in results[-1]["queries"]:
+        if q.get("kind", "panel") != "panel":
+            continue
+        cells = [_ms(_same_query(r, q), p99=True) for r in results]
         lines.append(f"| {q['dashboard']} | {q['panel']} {q['ref']} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -605,10 +606,11 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "| dashboard | panel | " + " | ".join(f"N={n} raw / recorded / one server" for n in ns) + " |",
         "|---|---|" + "---:|" * len(ns),
     ]
-    for i, q in enumerate(results[0]["queries"]):
+    for q in results[-1]["queries"]:
         if "recorded" not in q:
             continue
-        cells = [f"{_ms(r['queries'][i])} / {_ms(r['queries'][i]['recorded'])} / {_ms(r['queries'][i]['one_server'])}" for r in results]
+        same = [_same_query(r, q) for r in results]
+        cells = [f"{_ms(m)} / {_ms(m.get('recorded', {}))} / {_ms(m.get('one_server', {}))}" if m else "not measured" for m in same]
         lines.append(f"| {q['dashboard']} | {q['panel']} {q['ref']} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -619,7 +621,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     ]
     for i, f in enumerate(results[0]["fleet"]):
         raw = [_ms(r["fleet"][i]["raw"], p99=True) for r in results]
-        rec = [_ms(r["fleet"][i]["recorded"], p99=True) for r in results]
+        rec = [_ms(r["fleet"][i].get("recorded", {}), p99=True) for r in results]
         lines.append(f"| {f['name']} | " + " | ".join(raw) + " | " + " | ".join(rec) + " |")
     lines += ["", "## How the CPU was shared", "", "| N | Prometheus CPU-s | exporter CPU-s | wall s | Prometheus share of one core | load avg before → after (1 min) | query timeout / cap |",
               "|---:|---:|---:|---:|---:|---|---|"]
@@ -632,8 +634,18 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _same_query(result: dict[str, Any], q: dict[str, Any]) -> dict[str, Any]:
+    """The row of ``result`` for the same dashboard, panel, legend and expression as ``q`` ({} when it had none)."""
+    for row in result["queries"]:
+        if (row.get("dashboard"), row.get("panel"), row.get("ref"), row.get("expr")) == (q.get("dashboard"), q.get("panel"), q.get("ref"), q.get("expr")):
+            return row
+    return {}
+
+
 def _ms(row: dict[str, Any], p99: bool = False) -> str:
     """p50 (and p99) in ms; a query that never answered shows why (Prometheus answers 503 past --query.timeout)."""
+    if not row:
+        return "not measured"  # that size's dashboards had no such panel, or the variant did not run
     if not row.get("reps"):
         return "timeout" if "503" in (row.get("error") or "") else "error"
     text = f"{row['p50_ms']:,.1f}" + (f" / {row['p99_ms']:,.1f}" if p99 else "")
@@ -681,17 +693,25 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("rule evaluation")
     ax.legend(fontsize=7)
     ax = axes[2]
-    panels = [q for q in results[0]["queries"] if q["kind"] == "panel"]
-    slowest = sorted(range(len(panels)), key=lambda i: -_p50_or_timeout(results[-1], results[-1]["queries"][i]))[:1]
-    for i in slowest:
-        ax.loglog(ns, [_p50_or_timeout(r, r["queries"][i]) for r in results], "o-", label=f"slowest panel: {panels[i]['panel'][:30]} (raw)")
-    rec = [i for i, q in enumerate(results[0]["queries"]) if "recorded" in q]
+    newest = results[-1]
+    nan = float("nan")
+
+    def p50(r: dict[str, Any], q: dict[str, Any], variant: str | None = None) -> float:
+        row = _same_query(r, q)  # matched by panel: sizes measured at different times may have other dashboards
+        if variant is not None:
+            row = row.get(variant, {})
+        return _p50_or_timeout(r, row) if row else nan
+
+    panels = [q for q in newest["queries"] if q.get("kind") == "panel"]
+    for q in sorted(panels, key=lambda q: -_p50_or_timeout(newest, q))[:1]:
+        ax.loglog(ns, [p50(r, q) for r in results], "o-", label=f"slowest panel: {q['panel'][:30]} (raw)")
+    rec = [q for q in panels if "recorded" in q]
     if rec:
-        i = max(rec, key=lambda j: _p50_or_timeout(results[min(1, len(results) - 1)], results[min(1, len(results) - 1)]["queries"][j]))
-        ax.loglog(ns, [_p50_or_timeout(r, r["queries"][i]) for r in results], "s-", label=f"{results[0]['queries'][i]['panel'][:24]} raw (timeout drawn at the limit)")
+        q = max(rec, key=lambda q: _p50_or_timeout(newest, q))
+        ax.loglog(ns, [p50(r, q) for r in results], "s-", label=f"{q['panel'][:24]} raw (timeout drawn at the limit)")
         ax.loglog(ns, [r.get("query_settings", {}).get("timeout_s", 30) * 1000 for r in results], "r:", label="Prometheus query timeout")
-        ax.loglog(ns, [r["queries"][i]["recorded"]["p50_ms"] for r in results], "s--", label="same, from recording rule")
-        ax.loglog(ns, [r["queries"][i]["one_server"]["p50_ms"] for r in results], "d--", label="same, one server")
+        ax.loglog(ns, [p50(r, q, "recorded") for r in results], "s--", label="same, from recording rule")
+        ax.loglog(ns, [p50(r, q, "one_server") for r in results], "d--", label="same, one server")
     ax.loglog(ns, [statistics.median(_p50_or_timeout(r, q) for q in r["queries"] if q["kind"] == "panel") for r in results], "k.-", label="median panel")
     ax.set_xlabel("inference servers N")
     ax.set_ylabel("query_range p50, ms")

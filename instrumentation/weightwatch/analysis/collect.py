@@ -86,7 +86,7 @@ class Source:
     def append(self, later: Source) -> None:
         """Append a later piece of the same stream (a rotated file)."""
         for key, fs in later.blocks.items():
-            self.add_frames({key: pl.concat(fs, how="vertical")}, self.lines)
+            self.add_frames({key: pl.concat(fs, how="diagonal_relaxed")}, self.lines)
         self.lines += later.lines
         self.rejected.update(later.rejected)
         for cat, lines in later.samples.items():
@@ -98,8 +98,10 @@ class Source:
         got = self._of.get(key)
         if got is None:
             fs = self.blocks.get(key)
-            got = scan.conform(pl.concat(fs, how="vertical", rechunk=True)).sort("seq") if fs else scan.empty_frame()
+            got = scan.conform(pl.concat(fs, how="diagonal_relaxed", rechunk=True)).sort("seq") if fs else scan.empty_frame()
             self._of[key] = got
+            if fs:  # the one frame replaces its blocks: a run's events are held once, not twice
+                self.blocks[key] = [got]
         return got
 
     @property

@@ -22,7 +22,7 @@ from typing import BinaryIO
 from weightwatch.analysis.collect import Source, spans_to_source
 
 #: Bytes parsed at once (bounds memory: a block's lines and its regex columns live only while it is parsed).
-BLOCK_BYTES = 64 * 1024 * 1024
+BLOCK_BYTES = 16 * 1024 * 1024
 _LOG_NAME = re.compile(r"\.log(\.\d+)?(\.gz)?$|\.gz$|\.spans\.jsonl(\.gz)?$")
 
 

@@ -179,9 +179,16 @@ class AdminHTTPXInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("httpx >= 0.23",)
 
+    _tracer_cache: tuple[Any, trace.Tracer] | None = None
+
     def tracer(self) -> trace.Tracer:
         provider = self._tracer_provider or telemetry.get().tracer_provider
-        return provider.get_tracer("weightwatch.orchestrator")
+        cached = self._tracer_cache
+        if cached is not None and cached[0] is provider:  # get_tracer builds a new Tracer each call (~0.1 ms)
+            return cached[1]
+        tracer = provider.get_tracer("weightwatch.orchestrator")
+        self._tracer_cache = (provider, tracer)
+        return tracer
 
     def _instrument(self, **kwargs: Any) -> None:
         self._configure(kwargs.get("tracer_provider"))
