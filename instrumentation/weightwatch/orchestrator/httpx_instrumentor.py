@@ -184,7 +184,7 @@ class AdminHTTPXInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def tracer(self) -> trace.Tracer:
         provider = self._tracer_provider or telemetry.get().tracer_provider
         cached = self._tracer_cache
-        if cached is not None and cached[0] is provider:  # get_tracer builds a new Tracer each call (~0.1 ms)
+        if cached is not None and cached[0] is provider:  # get_tracer builds a new Tracer each call (~15 µs)
             return cached[1]
         tracer = provider.get_tracer("weightwatch.orchestrator")
         self._tracer_cache = (provider, tracer)
