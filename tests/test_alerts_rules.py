@@ -216,14 +216,59 @@ def test_rules_use_only_catalogue_metrics():
             assert token in known, f"{rule.get('alert') or rule.get('record')}: {token} is not a catalogue metric"
 
 
-def test_recording_rules_cover_p50_p95_p99_of_queue_rpc_and_wall():
+def test_recording_rules_cover_p50_p95_p99_of_queue_rpc_wall_and_pool_wait_fleet_wide():
     recorded = _recorded()
-    for metric in ("queue", "rpc", "wall"):
+    for metric in ("queue", "rpc", "wall", "pool_wait"):
+        rate = f"op_le:rl_weight_update_{metric}_seconds_bucket:rate5m"
+        assert "sum by (job, instance, op, le) (rate(" in recorded[rate]
         for q in ("p50", "p95", "p99"):
-            name = f"op_server:rl_weight_update_{metric}_seconds:{q}_5m"
-            assert name in recorded, name
-            assert f"histogram_quantile(0.{q[1:]}" in recorded[name]
-            assert "by (job, instance, op, server, le)" in recorded[name]
+            name = f"op:rl_weight_update_{metric}_seconds:{q}_5m"
+            assert recorded[name] == f"histogram_quantile(0.{q[1:]}, {rate})", name
+    # per server: the p95 the alerts read
+    for metric in ("queue", "rpc"):
+        name = f"op_server:rl_weight_update_{metric}_seconds:p95_5m"
+        assert "by (job, instance, op, server, le)" in recorded[name]
+        assert any(name in r["expr"] for r in _alerts().values()), f"{name}: no alert reads it"
+
+
+def _groups() -> list[dict]:
+    return [g for path in RULE_FILES for g in yaml.safe_load(path.read_text())["groups"]]
+
+
+def test_each_histograms_buckets_are_read_at_most_twice_per_evaluation():
+    """At 1,024 servers one read of a histogram's buckets costs seconds (docs/scale.md): per server once, fleet once."""
+    reads: dict[str, int] = {}
+    for rule in _rules():
+        for name in re.findall(r"rate\((\w+_bucket)\[", rule["expr"]):
+            reads[name] = reads.get(name, 0) + 1
+    assert reads, "no bucket rates in the rules"
+    assert {n: k for n, k in reads.items() if k > 2} == {}
+
+
+def test_groups_that_read_every_servers_buckets_run_every_minute_and_no_alert_waits_on_a_slow_group_it_cannot_see():
+    for group in _groups():
+        per_server_buckets = any("_bucket[" in r.get("expr", "") and "server" in r.get("expr", "") for r in group["rules"])
+        if group["name"] in ("weightwatch-weight-update-quantiles", "weightwatch-sync-quantiles"):
+            assert group.get("interval") == "1m", group["name"]
+        elif per_server_buckets:
+            pytest.fail(f"{group['name']} reads every server's buckets at the global interval")
+        if any("alert" in r for r in group["rules"]):
+            assert "interval" not in group, f"{group['name']}: alerts run at the global interval"
+
+
+def test_a_compressed_evaluation_interval_scales_the_groups_own_intervals(tmp_path):
+    cfg = yaml.safe_load(render_prometheus_config(DEPLOY, tmp_path, alertmanager="a:1", evaluation_interval="1s").read_text())
+    copies = [Path(f) for f in cfg["rule_files"]]
+    assert copies and all(f.parent == tmp_path / "rules" for f in copies)
+    assert sorted(f.name for f in copies) == sorted(f.name for f in RULE_FILES)
+    intervals = {g["name"]: g.get("interval") for f in copies for g in yaml.safe_load(f.read_text())["groups"]}
+    assert intervals["weightwatch-weight-update-quantiles"] == "4000ms"  # 1m under 15s -> 4 s under 1 s
+    assert intervals["weightwatch-sync-quantiles"] == "4000ms"
+    assert intervals["weightwatch-weight-update"] is None
+    # the copies hold the same rules
+    assert [r for f in copies for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]] == _rules()
+    res = _promtool("check", "config", str(tmp_path / "prometheus.yml"))
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_alert_dashboard_links_point_at_provisioned_dashboards_and_their_variables():

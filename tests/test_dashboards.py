@@ -448,3 +448,32 @@ def test_sync_phases_dashboard_stays_fast_with_many_servers() -> None:
             assert re.fullmatch(r"max(?: by \(op\) )?\((rl_weight_version|rl_admin_call_inflight_age_seconds)\{[^}]*\}\)", expr), where
         if names & per_instance:
             assert 'instance=~"$instance"' in expr, where
+
+
+def test_weight_sync_dashboard_stays_fast_with_many_servers() -> None:
+    """Raw per-server histograms only for the picked servers; the fleet and the worst servers come from recording rules."""
+    dash = dashboards()["weight-sync.json"]
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    for name in ("server", "instance"):
+        assert variables[name]["includeAll"] is False and variables[name]["multi"] is True
+    per_server = {f"rl_weight_update_{h}_seconds_bucket" for h in ("queue", "rpc", "wall", "pool_wait")}
+    per_instance = {"rl_admin_server_seconds_bucket", "rl_admin_rpc_seconds_bucket"}
+    fleet, slowest = set(), set()
+    for where, expr in panel_queries(dash):
+        names = metric_names(expr)
+        if names & per_server:
+            assert 'server=~"$server"' in expr, where
+        if names & per_instance:
+            assert 'instance=~"$instance"' in expr, where
+        fleet |= {n for n in names if n.startswith("op:rl_weight_update_")}
+        if expr.startswith("topk(10, "):
+            slowest |= names
+    assert fleet == {f"op:rl_weight_update_{h}_seconds:p{q}_5m" for h in ("queue", "rpc", "wall", "pool_wait") for q in (50, 95, 99)}
+    assert slowest == {"op_server:rl_weight_update_queue_seconds:p95_5m", "op_server:rl_weight_update_rpc_seconds:p95_5m"}
+    # every other dashboard reads per-server weight-update quantiles only from the recording rules
+    for file, other in dashboards().items():
+        if file == "weight-sync.json":
+            continue
+        picked_only = {v["name"]: v for v in other["templating"]["list"]}["server"]["includeAll"] is False
+        for where, expr in panel_queries(other):
+            assert not metric_names(expr) & per_server or ('server=~"$server"' in expr and picked_only), (file, where)

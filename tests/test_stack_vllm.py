@@ -89,9 +89,11 @@ def test_prometheus_with_the_repo_rules_reads_a_real_server_and_orchestrator(vll
         deadline = time.monotonic() + 60
         wall: list[dict[str, Any]] = []
         while time.monotonic() < deadline and not wall:
-            wall = _query(prom, 'op_server:rl_weight_update_wall_seconds:p50_5m{op="reload_weights"} > 0')
+            wall = _query(prom, 'op_server:rl_weight_update_rpc_seconds:p95_5m{op="reload_weights"} > 0')
             time.sleep(1)
-        assert wall, "no per-server wall-time quantile recorded from the real orchestrator"
+        assert wall, "no per-server rpc-time quantile recorded from the real orchestrator"
+        fleet = _query(prom, 'op:rl_weight_update_wall_seconds:p50_5m{op="reload_weights"} > 0')
+        assert [s["metric"].get("server") for s in fleet] == [None], fleet  # all servers together: no server label
 
         # the orchestrator's server label is host:port of the admin URL (what prometheus.yml's `server` target label mirrors)
         assert {s["metric"]["server"] for s in wall} == {admin_label}

@@ -148,6 +148,30 @@ def quantile_targets(hist: str, sel: str, by: Sequence[str], legend_prefix: str 
     return out
 
 
+def fleet_quantile_targets(hist: str) -> list[dict]:
+    """All servers together, per op, from the recording rules: a few series and cheap at any fleet size."""
+    return [
+        target(f"max by (op) ({recorded(f'op:{hist}:p{round(q * 100)}_5m')}{{{SEL_JOB}}})", f"all servers {{{{op}}}} p{round(q * 100)}")
+        for q in QUANTILES
+    ]
+
+
+def per_server_and_fleet(hist: str) -> list[dict]:
+    """p50/p95/p99 of the servers picked in $server (raw buckets, few series) and of the whole fleet (recorded)."""
+    return [*quantile_targets(hist, SEL_UPDATE, ("server", "op")), *fleet_quantile_targets(hist)]
+
+
+def slowest_servers(hist: str) -> list[dict]:
+    """The ten worst servers by the per-server p95 the alerts read: which server to pick in $server."""
+    p95 = recorded(f"op_server:{hist}:p95_5m")
+    return [target(f"topk(10, max by (server, op) ({p95}{{{SEL_JOB}}}))", "{{server}} {{op}}", instant=True)]
+
+
+#: Appended to the per-server latency panels of the weight-sync dashboard.
+PICKED_SERVERS = (" Lines named by a server are the servers picked in `$server` (raw buckets); `all servers` lines are the "
+                  "fleet per op (recording rules), so one server can be held against the rest at any fleet size.")
+
+
 # --------------------------------------------------------------------------- panel builders
 
 
@@ -591,8 +615,8 @@ Baselines: models up to 2B wall < 1 s, queue < 100 ms, rpc < 500 ms; 7B wall < 3
                     "Queue (in front of the engine) p50 / p95 / p99",
                     f"wall minus server time, from the histogram rl_weight_update_queue_seconds, per server and op. Bad: above "
                     f"{QUEUE_MS} ms (dashed) and far above rpc means the update queued behind generation (front_end_queue). "
-                    "Alert: WeightUpdateQueueHigh.",
-                    quantile_targets("rl_weight_update_queue_seconds", SEL_UPDATE, ("server", "op")),
+                    "Alert: WeightUpdateQueueHigh." + PICKED_SERVERS,
+                    per_server_and_fleet("rl_weight_update_queue_seconds"),
                     "s",
                     threshold=ALERT_THRESHOLDS["WeightUpdateQueueHigh"],
                 ),
@@ -603,8 +627,8 @@ Baselines: models up to 2B wall < 1 s, queue < 100 ms, rpc < 500 ms; 7B wall < 3
                 timeseries(
                     "Engine reload (rpc) p50 / p95 / p99",
                     f"Engine reload time reported by the server (rl_weight_update_rpc_seconds). Bad: above {RPC_SLOW_MS:,} ms "
-                    "(dashed) with a small queue means weight loading itself is slow (engine_reload_slow). Alert: WeightUpdateRpcSlow.",
-                    quantile_targets("rl_weight_update_rpc_seconds", SEL_UPDATE, ("server", "op")),
+                    "(dashed) with a small queue means weight loading itself is slow (engine_reload_slow). Alert: WeightUpdateRpcSlow." + PICKED_SERVERS,
+                    per_server_and_fleet("rl_weight_update_rpc_seconds"),
                     "s",
                     threshold=ALERT_THRESHOLDS["WeightUpdateRpcSlow"],
                 ),
@@ -615,12 +639,39 @@ Baselines: models up to 2B wall < 1 s, queue < 100 ms, rpc < 500 ms; 7B wall < 3
                 timeseries(
                     "Wall (seen by the orchestrator) p50 / p95 / p99",
                     "Whole update per server as the orchestrator saw it (rl_weight_update_wall_seconds). Bad: above the model's "
-                    "baseline (1 s up to 2B, 3 s at 7B); compare with queue and rpc to see which part grew.",
-                    quantile_targets("rl_weight_update_wall_seconds", SEL_UPDATE, ("server", "op")),
+                    "baseline (1 s up to 2B, 3 s at 7B); compare with queue and rpc to see which part grew." + PICKED_SERVERS,
+                    per_server_and_fleet("rl_weight_update_wall_seconds"),
                     "s",
                 ),
                 8,
                 9,
+            ),
+        ],
+        [
+            (
+                bargauge(
+                    "Slowest servers: queue p95",
+                    f"The ten servers with the highest p95 queue over 5 minutes, per op (op_server:rl_weight_update_queue_seconds:p95_5m, "
+                    f"the series WeightUpdateQueueHigh reads). Bad: red above {QUEUE_MS} ms. Pick a server here in `$server` to see its "
+                    "p50/p95/p99 below.",
+                    slowest_servers("rl_weight_update_queue_seconds"),
+                    "s",
+                    threshold=ALERT_THRESHOLDS["WeightUpdateQueueHigh"],
+                ),
+                12,
+                7,
+            ),
+            (
+                bargauge(
+                    "Slowest servers: engine reload (rpc) p95",
+                    f"The ten servers with the highest p95 engine reload over 5 minutes, per op (op_server:rl_weight_update_rpc_seconds:p95_5m, "
+                    f"the series WeightUpdateRpcSlow reads). Bad: red above {RPC_SLOW_MS:,} ms: loading weights is slow on that host.",
+                    slowest_servers("rl_weight_update_rpc_seconds"),
+                    "s",
+                    threshold=ALERT_THRESHOLDS["WeightUpdateRpcSlow"],
+                ),
+                12,
+                7,
             ),
         ],
         [
@@ -630,8 +681,8 @@ Baselines: models up to 2B wall < 1 s, queue < 100 ms, rpc < 500 ms; 7B wall < 3
                     "Pool wait p50 / p95 / p99",
                     "Time the admin request waited for a connection from the orchestrator's HTTP pool "
                     "(rl_weight_update_pool_wait_seconds). Bad: anything above a few ms means the pool is shared with "
-                    "streaming generation and saturated; give updates their own client.",
-                    quantile_targets("rl_weight_update_pool_wait_seconds", SEL_UPDATE, ("server", "op")),
+                    "streaming generation and saturated; give updates their own client." + PICKED_SERVERS,
+                    per_server_and_fleet("rl_weight_update_pool_wait_seconds"),
                     "s",
                 ),
                 12,
@@ -696,6 +747,8 @@ Baselines: models up to 2B wall < 1 s, queue < 100 ms, rpc < 500 ms; 7B wall < 3
         "RL weight sync",
         "Where weight-update time goes (queue, engine reload, wall, pool wait), per server and op.",
         layout(rows),
+        # per-server detail on demand: with 1,024 servers an All of raw per-server quantiles takes 8-29 s a panel
+        templating=variables(server_series=metric("rl_weight_update_last_queue_seconds", "gauge"), include_all=False),
     )
 
 
@@ -843,10 +896,10 @@ event-loop lag climb at the same moment the update queue does, the update waited
                     "Weight update queue and rpc p95 (same time axis)",
                     f"The update latency from the weight-sync dashboard, here to line up with the load. Bad: queue above "
                     f"{QUEUE_MS} ms (dashed) while the panels around it show high load: the update waited behind generation. "
-                    "Alert: WeightUpdateQueueHigh.",
+                    "Alert: WeightUpdateQueueHigh (it reads these recorded per-server p95s; exemplars are on the weight-sync dashboard).",
                     [
-                        target(quantile(0.95, "rl_weight_update_queue_seconds", SEL_UPDATE, ("server",)), "queue {{server}} p95", exemplar=True),
-                        target(quantile(0.95, "rl_weight_update_rpc_seconds", SEL_UPDATE, ("server",)), "rpc {{server}} p95", exemplar=True),
+                        target(f"max by (server) ({recorded('op_server:rl_weight_update_queue_seconds:p95_5m')}{{{SEL_UPDATE}}})", "queue {{server}} p95"),
+                        target(f"max by (server) ({recorded('op_server:rl_weight_update_rpc_seconds:p95_5m')}{{{SEL_UPDATE}}})", "rpc {{server}} p95"),
                     ],
                     "s",
                     threshold=ALERT_THRESHOLDS["WeightUpdateQueueHigh"],

@@ -82,7 +82,9 @@ def render_prometheus_config(
     Compose service hosts become ``target_host``; rule files and file_sd files become absolute paths into
     ``deploy_dir``; alerts go to ``alertmanager`` (host:port). With ``jobs`` ({job: [host:port, ...]}) only
     those jobs are kept, scraping exactly those targets (no file_sd), which is what a hermetic test wants;
-    ``skip_jobs`` drops jobs (a local run without a collector should not page about it).
+    ``skip_jobs`` drops jobs (a local run without a collector should not page about it). An
+    ``evaluation_interval`` other than the shipped one scales the rule groups' own intervals with it (copies of
+    the rule files go to ``out_dir/rules``).
     """
     yaml = _yaml()
     prom_dir = deploy_dir / "prometheus"
@@ -93,7 +95,9 @@ def render_prometheus_config(
         glob["scrape_interval"] = scrape_interval
         glob["scrape_timeout"] = scrape_interval
     if evaluation_interval:
+        shipped = glob.get("evaluation_interval", "1m")
         glob["evaluation_interval"] = evaluation_interval
+        config["rule_files"] = scaled_rule_files(config["rule_files"], out_dir / "rules", _seconds(evaluation_interval) / _seconds(shipped))
     config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
     known = {sc["job_name"] for sc in config.get("scrape_configs", [])}
     if jobs is not None:
@@ -123,6 +127,48 @@ def render_prometheus_config(
     out = out_dir / "prometheus.yml"
     out.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return out
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _seconds(duration: str) -> float:
+    """A Prometheus duration (``15s``, ``1m``, ``1m30s``, ``500ms``) in seconds."""
+    import re
+
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", duration)
+    if not parts or "".join(n + u for n, u in parts) != duration:
+        raise StackError(f"not a Prometheus duration: {duration!r}")
+    return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+def _format_seconds(seconds: float) -> str:
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
+def scaled_rule_files(patterns: Sequence[str], out_dir: Path, factor: float) -> list[str]:
+    """Copies of the rule files whose groups' own ``interval`` is scaled like the global evaluation interval.
+
+    A group that runs every minute under a 15 s global interval runs every 4 s under a 1 s one: a run that
+    compresses time compresses all of it, and the alerts keep their order of firing. Files are unchanged otherwise.
+    """
+    import glob as globmod
+
+    if factor == 1.0:
+        return list(patterns)
+    yaml = _yaml()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: list[str] = []
+    for pattern in patterns:
+        for src in sorted(globmod.glob(pattern)):
+            doc = yaml.safe_load(Path(src).read_text(encoding="utf-8")) or {}
+            for group in doc.get("groups", []):
+                if "interval" in group:
+                    group["interval"] = _format_seconds(_seconds(str(group["interval"])) * factor)
+            dst = out_dir / Path(src).name
+            dst.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+            files.append(str(dst))
+    return files
 
 
 def render_alertmanager_config(
